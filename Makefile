@@ -1,0 +1,48 @@
+# Two-command workflow:  `make venv` (once) and `make test`.
+
+# Preferred interpreter; falls back to python3 when python3.11 is not on PATH.
+PY ?= python3.11
+PYTHON := $(shell command -v $(PY) 2>/dev/null || command -v python3 2>/dev/null)
+
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+RUFF   := $(VENV)/bin/ruff
+STAMP  := $(VENV)/.stamp
+
+# Only lint the folders that exist (ruff reports E902 for a missing path).
+LINT_PATHS := $(wildcard cgf_optax tests examples benchmarks)
+
+.DEFAULT_GOAL := test
+.PHONY: venv test test-slow demo bench lint clean
+
+venv: $(STAMP)
+
+# Reinstall only when pyproject.toml changes (or the venv is missing).
+$(STAMP): pyproject.toml
+	@if [ ! -x "$(VPY)" ]; then \
+		if [ -z "$(PYTHON)" ]; then echo "error: neither $(PY) nor python3 found" >&2; exit 1; fi; \
+		echo "creating $(VENV) with $(PYTHON)"; \
+		$(PYTHON) -m venv $(VENV); \
+	fi
+	$(VPY) -m pip install -e '.[dev]'
+	@touch $@
+
+test: venv
+	$(VPY) -m pytest -q -n 2 tests
+	$(RUFF) check $(LINT_PATHS)
+
+test-slow: venv
+	$(VPY) -m pytest -q -m slow tests
+
+demo: venv
+	$(VPY) examples/compare_cgfm_adamw.py
+
+bench: venv
+	$(VPY) benchmarks/step_overhead.py
+
+lint: venv
+	$(RUFF) check $(LINT_PATHS)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

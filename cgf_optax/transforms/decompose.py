@@ -1,0 +1,477 @@
+"""CGFM step 1: split each gradient leaf into local / intermediate / global scales."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import numerics
+
+from cgf_optax import _validation as v
+from cgf_optax.transforms._leaves import MatrixAxes, MatrixView, path_str
+from cgf_optax.transforms._scales import Scales, whole
+
+STRATEGIES = ("lowrank", "temporal", "mean")
+_WHOLE = {"local": "local", "intermediate": "intermediate", "global": "global_",
+          "global_": "global_"}
+_STATIC = ("strategy", "num_scales", "rank", "refresh_every", "intermediate_rank",
+           "power_iters", "init_power_iters", "seed")
+
+
+class LeafRule(NamedTuple):
+  """A per-leaf override for :func:`decompose`.
+
+  Attributes:
+    strategy: ``"lowrank"``, ``"temporal"`` or ``"mean"`` to decompose the
+      leaf with that strategy, or ``"local"``, ``"intermediate"``,
+      ``"global"`` to put the leaf whole into that scale; ``None`` keeps the
+      transform's ``strategy``.
+    axes: the leaf's :class:`MatrixAxes`; ``None`` keeps the default rule.
+  """
+
+  strategy: str | None = None
+  axes: MatrixAxes | None = None
+
+
+Overrides = (
+    Mapping[str, "str | MatrixAxes | LeafRule"]
+    | Callable[[str, Any], "str | MatrixAxes | LeafRule | None"]
+)
+
+
+class DecomposeState(NamedTuple):
+  """State of :func:`decompose`.
+
+  Attributes:
+    count: number of updates so far (int32).
+    basis: per leaf, for ``lowrank`` leaves, the tracked orthonormal basis of
+      shape ``[batch, min(m, n), k]`` (``k`` = rank, plus the intermediate
+      rank for three scales) on the smaller side of the matrix; else ``None``.
+    slow: per leaf, for ``temporal`` leaves, the slow EMA of the gradient.
+    fast: per leaf, for three-scale ``temporal`` leaves, the fast EMA.
+  """
+
+  count: jax.Array
+  basis: Any
+  slow: Any
+  fast: Any
+
+
+class _Plan(NamedTuple):
+  kind: str                        # "whole" | "lowrank" | "temporal" | "mean"
+  scale: str | None = None         # for "whole"
+  view: MatrixView | None = None   # for "lowrank" and matrix "mean"
+  left: bool = True                # lowrank: basis on the fan-in side
+  rank: int = 0                    # lowrank: size of the global band
+  k: int = 0                       # lowrank: size of the whole tracked basis
+
+
+def _as_rule(value: Any, path: str) -> LeafRule:
+  if value is None:
+    return LeafRule()
+  if isinstance(value, LeafRule):
+    rule = value
+  elif isinstance(value, MatrixAxes):
+    rule = LeafRule(axes=value)
+  elif isinstance(value, str):
+    rule = LeafRule(strategy=value)
+  else:
+    raise v.HyperparameterTypeError(
+        f"`overrides` gave {type(value).__name__} {value!r} for leaf '{path}'; "
+        "expected a strategy or scale name, a MatrixAxes, a LeafRule or None."
+    )
+  if rule.strategy is not None and rule.strategy not in STRATEGIES + tuple(_WHOLE):
+    raise ValueError(
+        f"`overrides` gave strategy {rule.strategy!r} for leaf '{path}'; expected "
+        f"one of {STRATEGIES + ('local', 'intermediate', 'global')}."
+    )
+  if rule.axes is not None and not isinstance(rule.axes, MatrixAxes):
+    raise v.HyperparameterTypeError(
+        f"`overrides` gave axes {rule.axes!r} for leaf '{path}'; expected a "
+        "MatrixAxes."
+    )
+  return rule
+
+
+def decompose(
+    strategy: str = "lowrank",
+    num_scales: int = 2,
+    rank: int = 8,
+    refresh_every: int = 10,
+    *,
+    intermediate_rank: int | None = None,
+    power_iters: int = 1,
+    init_power_iters: int = 4,
+    fast_decay: float = 0.9,
+    slow_decay: float = 0.99,
+    vector_scale: str = "local",
+    nd_rule: str = "batch",
+    overrides: Overrides | None = None,
+    seed: int = 0,
+    basis_dtype: Any = jnp.float32,
+    ema_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Splits every gradient leaf into scale components that sum to it.
+
+  CGFM's Algorithm 1 (lines 7–10) decomposes the gradient into "localized and
+  globalized components" across "local, intermediate and global scales"
+  (Section 3.2). This transform replaces each gradient leaf :math:`G` by a
+  :class:`Scales` container whose parts partition it,
+
+  .. math::
+    G = G_\text{local} + G_\text{intermediate} + G_\text{global},
+
+  exactly in real arithmetic and up to one rounding per part in floating
+  point. The paper does not fix the decomposition; three readings are offered.
+  Matrices are viewed as :math:`G \in \mathbb{R}^{m \times n}`, ``m`` the
+  fan-in axis (a Flax ``Dense`` kernel ``W[in, out]``).
+
+  ``"lowrank"`` (spatial scales). With :math:`Q \in \mathbb{R}^{s \times k}`
+  an orthonormal basis on the smaller side of :math:`G` (``s = min(m, n)``)
+  that tracks the top singular subspace,
+
+  .. math::
+    G_\text{global} = Q_{:r} Q_{:r}^\top G,\quad
+    G_\text{intermediate} = Q_{r:} Q_{r:}^\top G,\quad
+    G_\text{local} = G - G_\text{global} - G_\text{intermediate}
+
+  (written for the left side; on the right side :math:`G Q Q^\top`). Every
+  ``refresh_every`` steps :math:`Q` is refreshed by warm-started subspace
+  iteration :math:`Q \leftarrow \mathrm{qr}(G G^\top Q)` (``power_iters``
+  times; ``init_power_iters`` times at step 0 from a random start), and for
+  three scales a Rayleigh–Ritz rotation orders its columns by singular value
+  so that the first ``rank`` span the top band. For a fixed gradient the
+  global band converges to the top-``rank`` singular subspace (as
+  :math:`(\sigma_{r+1}/\sigma_r)^{2t}`). This is GaLore's projection used to
+  split, not to compress.
+
+  ``"temporal"`` (scales in time). With bias-corrected EMAs :math:`\hat s`
+  (``slow_decay``) and :math:`\hat f` (``fast_decay``) of the gradient,
+  :math:`G_\text{global} = \hat s`, :math:`G_\text{intermediate} = \hat f -
+  \hat s`, :math:`G_\text{local} = G - \hat f` (two scales:
+  :math:`G_\text{local} = G - \hat s`).
+
+  ``"mean"`` (gradient centralization). :math:`G_\text{global} =
+  \mathbf{1}\,\bar g^\top`, the mean over the fan-in axis, and
+  :math:`G_\text{local} = G - G_\text{global}`; with three scales the global
+  part is the mean of the whole matrix and the intermediate part the column
+  means minus it.
+
+  Leaf rules (applied in this order):
+
+  1. ``overrides``: a mapping from regular expressions (searched in the
+     leaf's path, ``'layers/0/attn/kernel'``; first match wins) or a callable
+     ``(path, leaf) -> rule | None`` giving a :class:`LeafRule`, a strategy
+     name, a scale name (``"local"``, ``"intermediate"``, ``"global"``: the
+     whole leaf goes to that scale) or a :class:`MatrixAxes`.
+  2. Scalars, 1-D leaves (biases, norm scales) and empty leaves go whole into
+     ``vector_scale``. An override may instead send a scalar or vector to
+     ``"temporal"`` or ``"mean"`` (mean of the vector); ``"lowrank"`` on a
+     vector is an error.
+  3. 2-D leaves are ``[fan_in, fan_out]``.
+  4. Leaves of 3 or more dimensions, by ``nd_rule``: ``"batch"`` (default)
+     treats the last two axes as the matrix and the leading ones as a batch
+     of independent matrices (stacked or scanned layers ``[L, in, out]``);
+     ``"flatten"`` flattens all but the last axis into the fan-in (conv
+     kernels ``[h, w, in, out]``).
+
+  A ``rank`` larger than the matrix is clamped per leaf to ``min(m, n)``
+  (then the projection is the identity and ``local`` is zero), so one
+  ``rank`` serves trees with matrices of many sizes.
+
+  Non-finite gradients: the parts of a leaf with NaN/Inf carry them through
+  (so :func:`optax.apply_if_finite` and the caller see them), but they never
+  enter the state: a refresh with a non-finite or all-zero gradient keeps the
+  previous basis, and EMA entries whose gradient entry is not finite keep
+  their value.
+
+  Args:
+    strategy: ``"lowrank"``, ``"temporal"`` or ``"mean"``: the default for
+      matrices.
+    num_scales: 2 (local, global) or 3 (local, intermediate, global).
+    rank: ``lowrank``: dimension of the global subspace (clamped per leaf).
+    refresh_every: ``lowrank``: steps between basis refreshes (>= 1).
+    intermediate_rank: ``lowrank`` with three scales: dimension of the
+      intermediate band (default: ``rank``).
+    power_iters: subspace iterations per refresh.
+    init_power_iters: subspace iterations at step 0 (random start).
+    fast_decay: ``temporal``: decay of the fast EMA.
+    slow_decay: ``temporal``: decay of the slow EMA (> ``fast_decay``).
+    vector_scale: scale that scalars and 1-D leaves go to whole: ``"local"``,
+      ``"intermediate"`` (three scales only) or ``"global"``.
+    nd_rule: ``"batch"`` or ``"flatten"``, for leaves of 3+ dimensions.
+    overrides: per-leaf rules, see above.
+    seed: seed of the random initial bases.
+    basis_dtype: dtype of the stored bases (the subspace iteration runs in at
+      least float32).
+    ema_dtype: dtype of the EMAs (default: the gradient's).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose updates have a
+    :class:`Scales` where each gradient leaf was. Follow it with
+    :func:`cgf_optax.scale_by_scales` to get a plain gradient back.
+
+  Example:
+    >>> import jax.numpy as jnp, cgf_optax
+    >>> tx = cgf_optax.decompose("mean")
+    >>> g = {"w": jnp.array([[1.0, 2.0], [3.0, 6.0]])}
+    >>> parts, _ = tx.update(g, tx.init(g))
+    >>> parts["w"].global_
+    Array([[2., 4.],
+           [2., 4.]], dtype=float32)
+    >>> parts["w"].local + parts["w"].global_
+    Array([[1., 2.],
+           [3., 6.]], dtype=float32)
+
+  References:
+    CGFM, Algorithm 1 lines 7–10 and Section 3.2 (``../shared/seeds``);
+    Zhao et al., 2024, GaLore (arXiv:2403.03507) for the tracked projection;
+    Yong et al., 2020, Gradient Centralization (arXiv:2004.01461) for
+    ``"mean"``.
+  """
+  statics = dict(static_names=_STATIC)
+  strategy = v.choice("strategy", strategy, STRATEGIES)
+  num_scales = v.static_int("num_scales", num_scales, **statics)
+  if num_scales not in (2, 3):
+    raise ValueError(f"`num_scales` must be 2 or 3, got {num_scales}.")
+  rank = v.static_int("rank", rank, minimum=1, **statics)
+  refresh_every = v.static_int("refresh_every", refresh_every, minimum=1, **statics)
+  if intermediate_rank is None:
+    intermediate_rank = rank
+  intermediate_rank = v.static_int(
+      "intermediate_rank", intermediate_rank, minimum=1, **statics)
+  power_iters = v.static_int("power_iters", power_iters, minimum=1, **statics)
+  init_power_iters = v.static_int(
+      "init_power_iters", init_power_iters, minimum=1, **statics)
+  seed = v.static_int("seed", seed, **statics)
+  fast_decay = v.number("fast_decay", fast_decay, minimum=0.0, maximum=1.0)
+  slow_decay = v.number("slow_decay", slow_decay, minimum=0.0, maximum=1.0)
+  if (not v.is_traced(fast_decay) and not v.is_traced(slow_decay)
+      and strategy == "temporal" and not float(slow_decay) > float(fast_decay)):
+    raise ValueError(
+        f"`slow_decay` ({float(slow_decay)}) must be greater than `fast_decay` "
+        f"({float(fast_decay)}).")
+  vector_scale = v.choice("vector_scale", vector_scale, tuple(_WHOLE))
+  if _WHOLE[vector_scale] == "intermediate" and num_scales == 2:
+    raise ValueError(
+        "`vector_scale='intermediate'` needs num_scales=3 (with two scales "
+        "there is no intermediate part).")
+  nd_rule = v.choice("nd_rule", nd_rule, ("batch", "flatten"))
+  if overrides is not None and not (callable(overrides)
+                                    or isinstance(overrides, Mapping)):
+    raise v.HyperparameterTypeError(
+        "`overrides` must be a mapping {path regex: rule} or a callable "
+        f"(path, leaf) -> rule, got {type(overrides).__name__}.")
+  if isinstance(overrides, Mapping):
+    patterns = [(re.compile(k), val) for k, val in overrides.items()]
+  basis_dtype = jnp.dtype(basis_dtype)
+  ema_dtype = None if ema_dtype is None else jnp.dtype(ema_dtype)
+
+  def lookup(path: str, leaf: Any) -> LeafRule:
+    if overrides is None:
+      return LeafRule()
+    if callable(overrides):
+      return _as_rule(overrides(path, leaf), path)
+    for pattern, value in patterns:
+      if pattern.search(path):
+        return _as_rule(value, path)
+    return LeafRule()
+
+  def plan(path: str, leaf: Any) -> _Plan:
+    rule = lookup(path, leaf)
+    strat = rule.strategy or strategy
+    shape = tuple(leaf.shape)
+    if strat in _WHOLE:
+      scale = _WHOLE[strat]
+      if scale == "intermediate" and num_scales == 2:
+        raise ValueError(
+            f"`overrides` sends leaf '{path}' to 'intermediate', which needs "
+            "num_scales=3.")
+      return _Plan("whole", scale=scale)
+    size_zero = any(d == 0 for d in shape)
+    if len(shape) < 2 and rule.axes is None:
+      if rule.strategy is None or size_zero:
+        return _Plan("whole", scale=_WHOLE[vector_scale])
+      if strat == "lowrank":
+        raise ValueError(
+            f"`overrides` asks 'lowrank' for leaf '{path}' of shape {shape}; "
+            "lowrank needs a matrix (give MatrixAxes for a leaf of 2+ dims).")
+      return _Plan(strat)
+    if strat == "temporal":
+      return _Plan("temporal")
+    if rule.axes is not None:
+      axes = rule.axes
+    elif len(shape) == 2 or nd_rule == "batch":
+      axes = MatrixAxes(-2, -1)
+    else:
+      axes = MatrixAxes(tuple(range(len(shape) - 1)), len(shape) - 1)
+    view = MatrixView.create(shape, axes)
+    if size_zero or view.m == 0 or view.n == 0:
+      return _Plan("whole", scale=_WHOLE[vector_scale])
+    if strat == "mean":
+      return _Plan("mean", view=view)
+    s = min(view.m, view.n)
+    r = min(rank, s)
+    k = min(r + (intermediate_rank if num_scales == 3 else 0), s)
+    return _Plan("lowrank", view=view, left=view.m <= view.n, rank=r, k=k)
+
+  def plans_of(tree: Any) -> tuple[list[Any], list[_Plan], Any]:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves = [leaf for _, leaf in flat]
+    return leaves, [plan(path_str(p), leaf) for p, leaf in flat], treedef
+
+  def init_fn(params: Any) -> DecomposeState:
+    leaves, plans, treedef = plans_of(params)
+    key = jax.random.key(seed)
+    basis, slow, fast = [], [], []
+    for i, (leaf, p) in enumerate(zip(leaves, plans, strict=True)):
+      b = s = f = None
+      if p.kind == "lowrank":
+        q = jax.random.normal(
+            jax.random.fold_in(key, i),
+            (p.view.batch, min(p.view.m, p.view.n), p.k), jnp.float32)
+        b = jnp.linalg.qr(q)[0].astype(basis_dtype)
+      elif p.kind == "temporal":
+        dt = ema_dtype or leaf.dtype
+        s = jnp.zeros(leaf.shape, dt)
+        if num_scales == 3:
+          f = jnp.zeros(leaf.shape, dt)
+      basis.append(b)
+      slow.append(s)
+      fast.append(f)
+    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
+    return DecomposeState(
+        count=jnp.zeros([], jnp.int32), basis=unflat(basis), slow=unflat(slow),
+        fast=unflat(fast))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    leaves, plans, treedef = plans_of(updates)
+    bases = treedef.flatten_up_to(state.basis)
+    slows = treedef.flatten_up_to(state.slow)
+    fasts = treedef.flatten_up_to(state.fast)
+    count = state.count
+
+    # 1. Refresh the low-rank bases, all leaves under one cond.
+    lr = [i for i, p in enumerate(plans) if p.kind == "lowrank"]
+    if lr:
+      mats = [_oriented(plans[i], leaves[i]) for i in lr]
+      iters = jnp.where(count == 0, init_power_iters, power_iters)
+
+      def refresh(qs):
+        return [_refresh(g, q, iters, plans[i].rank, rotate=num_scales == 3)
+                for g, q, i in zip(mats, qs, lr, strict=True)]
+
+      new_qs = jax.lax.cond(count % refresh_every == 0, refresh, lambda qs: qs,
+                            [bases[i] for i in lr])
+      bases = list(bases)
+      for i, q in zip(lr, new_qs, strict=True):
+        bases[i] = q
+
+    # 2. Split.
+    bc = numerics.safe_increment(count)
+    out, new_slow, new_fast = [], list(slows), list(fasts)
+    for i, (g, p) in enumerate(zip(leaves, plans, strict=True)):
+      if p.kind == "whole":
+        out.append(whole(g, p.scale))
+      elif p.kind == "lowrank":
+        out.append(_lowrank_split(g, bases[i], p))
+      elif p.kind == "mean":
+        out.append(_mean_split(g, p.view, num_scales))
+      else:
+        ok = jnp.isfinite(g)
+        s = _ema(slows[i], g, slow_decay, ok)
+        new_slow[i] = s
+        s_hat = optax.tree.bias_correction(s, slow_decay, bc)
+        if num_scales == 3:
+          f = _ema(fasts[i], g, fast_decay, ok)
+          new_fast[i] = f
+          f_hat = optax.tree.bias_correction(f, fast_decay, bc)
+          out.append(Scales(local=(g - f_hat).astype(g.dtype),
+                            intermediate=(f_hat - s_hat).astype(g.dtype),
+                            global_=s_hat.astype(g.dtype)))
+        else:
+          out.append(Scales(local=(g - s_hat).astype(g.dtype),
+                            global_=s_hat.astype(g.dtype)))
+
+    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
+    return unflat(out), DecomposeState(
+        count=numerics.safe_increment(count), basis=unflat(bases),
+        slow=unflat(new_slow), fast=unflat(new_fast))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _ema(m: jax.Array, g: jax.Array, decay: Any, ok: jax.Array) -> jax.Array:
+  new = decay * m + (1 - decay) * g.astype(m.dtype)
+  return jnp.where(ok, new, m).astype(m.dtype)
+
+
+def _compute_dtype(g: jax.Array, q: jax.Array) -> Any:
+  return jnp.promote_types(jnp.promote_types(g.dtype, q.dtype), jnp.float32)
+
+
+def _oriented(p: _Plan, g: jax.Array) -> jax.Array:
+  """The leaf as ``[batch, s, t]`` with the basis side first (``s <= t``)."""
+  m = p.view.to_matrix(g)
+  return m if p.left else jnp.swapaxes(m, -1, -2)
+
+
+def _refresh(g: jax.Array, q: jax.Array, iters: jax.Array, rank: int, *,
+             rotate: bool) -> jax.Array:
+  """Warm-started subspace iteration ``Q <- qr(G Gᵀ Q)`` on ``[batch, s, t]``."""
+  dt = _compute_dtype(g, q)
+  g = g.astype(dt)
+  q0 = q.astype(dt)
+
+  def body(_, q):
+    return jnp.linalg.qr(g @ (jnp.swapaxes(g, -1, -2) @ q))[0]
+
+  qn = jax.lax.fori_loop(0, iters, body, q0)
+  if rotate and q.shape[-1] > rank:
+    b = jnp.swapaxes(qn, -1, -2) @ g                 # [batch, k, t]
+    _, vecs = jnp.linalg.eigh(b @ jnp.swapaxes(b, -1, -2))
+    qn = qn @ vecs[..., ::-1]                         # descending order
+  sq = jnp.sum(jnp.square(g), axis=(-2, -1))
+  ok = jnp.isfinite(sq) & (sq > 0) & jnp.all(jnp.isfinite(qn), axis=(-2, -1))
+  return jnp.where(ok[:, None, None], qn, q0).astype(q.dtype)
+
+
+def _lowrank_split(g: jax.Array, q: jax.Array, p: _Plan) -> Scales:
+  gm = _oriented(p, g)
+  dt = _compute_dtype(g, q)
+  q = q.astype(dt)
+  gc = gm.astype(dt)
+  c = jnp.swapaxes(q, -1, -2) @ gc                     # [batch, k, t]
+  glob = q[..., : p.rank] @ c[:, : p.rank]
+  inter = q[..., p.rank:] @ c[:, p.rank:] if p.k > p.rank else None
+  local = gc - glob if inter is None else gc - glob - inter
+
+  def back(x):
+    x = x if p.left else jnp.swapaxes(x, -1, -2)
+    return p.view.from_matrix(x).astype(g.dtype)
+
+  return Scales(local=back(local),
+                intermediate=None if inter is None else back(inter),
+                global_=back(glob))
+
+
+def _mean_split(g: jax.Array, view: MatrixView | None, num_scales: int) -> Scales:
+  if view is None:  # scalar or vector sent to "mean" by an override
+    glob = jnp.broadcast_to(jnp.mean(g), g.shape).astype(g.dtype)
+    return Scales(local=g - glob, global_=glob)
+  gm = view.to_matrix(g)
+  col = jnp.mean(gm, axis=1, keepdims=True)
+  if num_scales == 2:
+    glob = view.from_matrix(col).astype(g.dtype)
+    return Scales(local=(g - glob).astype(g.dtype), global_=glob)
+  total = jnp.mean(col, axis=2, keepdims=True)
+  glob = view.from_matrix(total).astype(g.dtype)
+  colb = view.from_matrix(col)
+  return Scales(local=(g - colb).astype(g.dtype),
+                intermediate=(colb - glob).astype(g.dtype),
+                global_=glob)

@@ -1,0 +1,240 @@
+"""CGFM step 3: curvature-aware step-size modulation by the gradient norm."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import numerics
+
+from cgf_optax import _validation as v
+from cgf_optax.transforms._scales import is_scales
+
+REFERENCES = ("first", "ema")
+SCOPES = ("global", "leaf")
+
+
+class ModulateState(NamedTuple):
+  """State of :func:`modulate_by_gradient_norm`.
+
+  With ``scope="global"`` every field but ``count`` is a float32 scalar; with
+  ``scope="leaf"`` they are trees of scalars shaped like the params.
+
+  Attributes:
+    count: number of updates so far (int32).
+    reference: ``"first"``: the reference norm :math:`\\|\\nabla\\theta_0\\|`
+      (0 until the first finite, non-zero gradient); ``"ema"``: the EMA
+      accumulator of the norm (not bias-corrected).
+    ref_steps: number of finite norms folded into ``reference``.
+    norm: the last gradient norm :math:`\\|\\nabla_\\text{adj}\\|` (telemetry).
+    factor: the last modulation factor (telemetry, and what
+      :func:`modulate_step` applies).
+  """
+
+  count: jax.Array
+  reference: Any
+  ref_steps: Any
+  norm: Any
+  factor: Any
+
+
+def _sq_norm(x: Any) -> jax.Array:
+  leaves = jax.tree.leaves(x)
+  return sum((jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves),
+             start=jnp.zeros([], jnp.float32))
+
+
+def modulate_by_gradient_norm(
+    reference: str = "first",
+    max_factor: float | None = None,
+    scope: str = "global",
+    eps: float = 1e-12,
+    *,
+    ema_decay: float = 0.99,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Multiplies the updates by :math:`1 + \|\nabla_\text{adj}\| / \|\nabla\theta_0\|`.
+
+  CGFM's Algorithm 1, line 14 ("curvature-aware step size modulation"):
+
+  .. math::
+    \eta_\text{adj} = \eta \cdot \Big(1 + \frac{\|\nabla_\text{adj}\|}
+      {\|\nabla\theta_0\|}\Big),
+
+  with :math:`\|\nabla\theta_0\|` the norm of the first step's gradient, kept
+  in the state. In an SGD chain, scaling the step size is scaling the
+  gradient, which this transform does. Before an adaptive method (Adam) the
+  factor would be normalised away: use :func:`modulate_step` (as
+  :func:`cgf_optax.cgfm_adamw` does) to apply it to the inner optimizer's
+  output instead.
+
+  Options beyond the paper: ``reference="ema"`` divides by a bias-corrected
+  EMA of the norm (decay ``ema_decay``) instead of the first norm; ``scope=
+  "leaf"`` uses each leaf's own norm and reference; ``max_factor`` bounds the
+  factor. Norms are computed in float32.
+
+  Edge cases, chosen so the factor is always finite and :math:`\ge 1`: the
+  reference is the first *finite, non-zero* norm (while none has been seen the
+  factor is 1); a denominator below ``eps`` is replaced by ``eps``; a
+  non-finite norm leaves the reference untouched (the updates, already
+  non-finite, pass through multiplied by the factor computed as if the norm
+  were 0, i.e. 1).
+
+  Args:
+    reference: ``"first"`` (the paper) or ``"ema"``.
+    max_factor: upper bound of the factor (>= 1), or ``None``.
+    scope: ``"global"`` (one norm for the whole tree) or ``"leaf"``.
+    eps: lower bound of the denominator.
+    ema_decay: decay of the norm EMA for ``reference="ema"``.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax.numpy as jnp, cgf_optax
+    >>> tx = cgf_optax.modulate_by_gradient_norm()
+    >>> state = tx.init(jnp.zeros(2))
+    >>> u, state = tx.update(jnp.array([3.0, 4.0]), state)  # ‖g₀‖ = 5
+    >>> u, state = tx.update(jnp.array([0.0, 10.0]), state)
+    >>> state.factor  # 1 + 10 / 5
+    Array(3., dtype=float32)
+
+  References:
+    CGFM, Algorithm 1 line 14 (``../shared/seeds``).
+  """
+  reference = v.choice("reference", reference, REFERENCES)
+  scope = v.choice("scope", scope, SCOPES)
+  if max_factor is not None:
+    max_factor = v.number("max_factor", max_factor, minimum=1.0)
+  eps = v.number("eps", eps, minimum=0.0)
+  ema_decay = v.number("ema_decay", ema_decay, minimum=0.0, maximum=1.0)
+  if not v.is_traced(ema_decay) and reference == "ema" and float(ema_decay) >= 1:
+    raise ValueError("`ema_decay` must be < 1 for reference='ema'.")
+
+  def scalars(params: Any, value: float, dtype: Any) -> Any:
+    if scope == "global":
+      return jnp.full([], value, dtype)
+    return jax.tree.map(lambda _: jnp.full([], value, dtype), params,
+                        is_leaf=is_scales)
+
+  def init_fn(params: Any) -> ModulateState:
+    return ModulateState(
+        count=jnp.zeros([], jnp.int32),
+        reference=scalars(params, 0.0, jnp.float32),
+        ref_steps=scalars(params, 0, jnp.int32),
+        norm=scalars(params, 0.0, jnp.float32),
+        factor=scalars(params, 1.0, jnp.float32))
+
+  def step(norm, ref, ref_steps, factor_prev):
+    ok = jnp.isfinite(norm)
+    if reference == "first":
+      take = ok & (ref_steps == 0) & (norm > 0)
+      new_ref = jnp.where(take, norm, ref)
+      new_steps = ref_steps + take.astype(jnp.int32)
+      denom = new_ref
+    else:
+      new_ref = jnp.where(ok, ema_decay * ref + (1 - ema_decay) * norm, ref)
+      new_steps = ref_steps + ok.astype(jnp.int32)
+      denom = new_ref / (1 - ema_decay ** new_steps.astype(jnp.float32))
+      denom = jnp.where(new_steps > 0, denom, 0.0)
+    ratio = jnp.where(ok & (denom > 0), norm / jnp.maximum(denom, eps), 0.0)
+    factor = 1.0 + ratio
+    if max_factor is not None:
+      factor = jnp.minimum(factor, max_factor)
+    factor = factor.astype(jnp.float32)
+    return factor, new_ref.astype(jnp.float32), new_steps, jnp.where(
+        ok, norm, 0.0).astype(jnp.float32)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    if scope == "global":
+      norm = jnp.sqrt(_sq_norm(updates))
+      factor, ref, steps, norm = step(norm, state.reference, state.ref_steps,
+                                      state.factor)
+      out = jax.tree.map(lambda u: (u * factor).astype(u.dtype), updates)
+    else:
+      norms = jax.tree.map(lambda u: jnp.sqrt(_sq_norm(u)), updates,
+                           is_leaf=is_scales)
+      res = jax.tree.map(step, norms, state.reference, state.ref_steps,
+                         state.factor)
+      treedef = jax.tree.structure(norms)
+      factor, ref, steps, norm = (
+          jax.tree.unflatten(treedef, xs)
+          for xs in zip(*treedef.flatten_up_to(res), strict=True))
+      out = jax.tree.map(
+          lambda u, f: jax.tree.map(lambda x: (x * f).astype(x.dtype), u),
+          updates, factor, is_leaf=is_scales)
+    return out, ModulateState(
+        count=numerics.safe_increment(state.count), reference=ref,
+        ref_steps=steps, norm=norm, factor=factor)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class ModulateStepState(NamedTuple):
+  """State of :func:`modulate_step`: the modulation's and the inner's."""
+
+  modulation: ModulateState
+  inner: Any
+
+
+def modulate_step(
+    inner: optax.GradientTransformation,
+    reference: str = "first",
+    max_factor: float | None = None,
+    scope: str = "global",
+    eps: float = 1e-12,
+    *,
+    ema_decay: float = 0.99,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Runs ``inner`` and scales its output by the factor of its *input*'s norm.
+
+  The factor :math:`1 + \|g\| / \|g_0\|` of :func:`modulate_by_gradient_norm`
+  is computed from the gradient :math:`g` entering ``inner`` (e.g. Adam) and
+  multiplies ``inner``'s output, so that it modulates the step size as CGFM
+  prescribes instead of being normalised away by the adaptive method.
+
+  Args:
+    inner: the transformation whose step is modulated (e.g.
+      :func:`optax.scale_by_adam`).
+    reference: see :func:`modulate_by_gradient_norm`.
+    max_factor: see :func:`modulate_by_gradient_norm`.
+    scope: see :func:`modulate_by_gradient_norm`.
+    eps: see :func:`modulate_by_gradient_norm`.
+    ema_decay: see :func:`modulate_by_gradient_norm`.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` with state
+    :class:`ModulateStepState`; the factor is in ``state.modulation.factor``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, cgf_optax
+    >>> tx = cgf_optax.modulate_step(optax.scale_by_sign())
+    >>> state = tx.init(jnp.zeros(2))
+    >>> u, state = tx.update(jnp.array([3.0, -4.0]), state)
+    >>> u  # sign(g) * (1 + 5 / 5)
+    Array([ 2., -2.], dtype=float32)
+
+  References:
+    CGFM, Algorithm 1 line 14 (``../shared/seeds``).
+  """
+  modulation = modulate_by_gradient_norm(
+      reference, max_factor, scope, eps, ema_decay=ema_decay)
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params: Any) -> ModulateStepState:
+    return ModulateStepState(modulation=modulation.init(params),
+                             inner=inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _, mod_state = modulation.update(updates, state.modulation, params)
+    out, inner_state = inner.update(updates, state.inner, params, **extra_args)
+    factor = mod_state.factor
+    if scope == "global":
+      out = jax.tree.map(lambda u: (u * factor).astype(u.dtype), out)
+    else:
+      out = jax.tree.map(lambda u, f: (u * f).astype(u.dtype), out, factor)
+    return out, ModulateStepState(modulation=mod_state, inner=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
