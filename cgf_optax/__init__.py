@@ -1,41 +1,75 @@
 """cgf_optax: Optax gradient transformations from the CGFM and CEGM papers.
 
 Every step is a small, composable :class:`optax.GradientTransformation`; the
-aliases build the papers' Algorithm 1 chains.
+aliases build the papers' Algorithm 1 chains. :mod:`cgf_optax.nnx` (Flax
+context capture) is imported on first use.
 """
 
+import importlib
+from typing import Any
+
+from cgf_optax import losses
 from cgf_optax._validation import HyperparameterTypeError
-from cgf_optax.aliases import CGFM_STATIC_ARGS, cgfm, cgfm_adamw
+from cgf_optax.aliases import (
+    CEGM_STATIC_ARGS,
+    CGFM_STATIC_ARGS,
+    cegm,
+    cegm_adamw,
+    cgfm,
+    cgfm_adamw,
+)
 from cgf_optax.transforms import (
+    ContextAlignState,
     DecomposeState,
+    EntangleState,
     LeafRule,
     MatrixAxes,
     ModulateState,
     ModulateStepState,
+    NormalizeState,
     ScaleByScalesState,
     Scales,
+    context_align,
     decompose,
+    entangle,
     modulate_by_gradient_norm,
     modulate_step,
+    normalize,
     scale_by_scales,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CEGM_STATIC_ARGS",
     "CGFM_STATIC_ARGS",
+    "ContextAlignState",
     "DecomposeState",
+    "EntangleState",
     "HyperparameterTypeError",
     "LeafRule",
     "MatrixAxes",
     "ModulateState",
     "ModulateStepState",
+    "NormalizeState",
     "ScaleByScalesState",
     "Scales",
+    "cegm",
+    "cegm_adamw",
     "cgfm",
     "cgfm_adamw",
+    "context_align",
     "decompose",
+    "entangle",
+    "losses",
     "modulate_by_gradient_norm",
     "modulate_step",
+    "normalize",
     "scale_by_scales",
 ]
+
+
+def __getattr__(name: str) -> Any:
+  if name == "nnx":
+    return importlib.import_module("cgf_optax.nnx")
+  raise AttributeError(f"module 'cgf_optax' has no attribute {name!r}")

@@ -7,14 +7,18 @@ from typing import Any
 import optax
 
 from cgf_optax import _validation as v
+from cgf_optax.transforms.context_align import context_align
 from cgf_optax.transforms.decompose import Overrides, decompose
+from cgf_optax.transforms.entangle import entangle
 from cgf_optax.transforms.modulate import modulate_by_gradient_norm, modulate_step
+from cgf_optax.transforms.normalize import normalize
 from cgf_optax.transforms.scale import ScaleWeight, scale_by_scales
 
 # Arguments that fix shapes or Python control flow: list them in
 # `optax.inject_hyperparams(..., static_args=...)`.
 CGFM_STATIC_ARGS = ("strategy", "num_scales", "rank", "refresh_every",
                     "intermediate_rank", "power_iters", "seed", "overrides")
+CEGM_STATIC_ARGS = ("num_heads",)
 
 
 def cgfm(
@@ -82,7 +86,7 @@ def cgfm(
     >>> import jax, jax.numpy as jnp, optax, cgf_optax
     >>> params = {"w": jnp.ones((4, 3))}
     >>> loss = lambda p: jnp.sum(p["w"] ** 2)
-    >>> tx = cgf_optax.cgfm(0.05)
+    >>> tx = cgf_optax.cgfm(0.3)
     >>> state = tx.init(params)
     >>> for _ in range(50):
     ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
@@ -205,3 +209,144 @@ def cgfm_adamw(
 
 
 
+
+
+def cegm(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    lam: float = 0.9,
+    adapt_rate: float = 0.0,
+    lam_bounds: tuple[float, float] = (0.05, 1.0),
+    num_heads: int = 1,
+    gamma: float = 1.0,
+    rho: float = 0.9,
+    normalize_scope: str = "leaf",
+    eps: float = 1e-8,
+    require_context: bool = True,
+    state_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""CEGM, Algorithm 1 as written: entangle → context-align → normalise → step.
+
+  .. math::
+    G_t = \lambda G + (1-\lambda) G_{t-1},\quad
+    E_t = G_t + \gamma\, Q_t Q_t^\top G_t,\quad
+    \Theta \leftarrow \Theta - \eta\, \frac{E_t}{\|E_t\|_2 + \epsilon}.
+
+  Call ``update(grads, state, params, context=ctx, value=loss)``: ``context``
+  (see :func:`cgf_optax.context_align`, captured by
+  :func:`cgf_optax.nnx.capture_context`) and the loss (which adapts λ, see
+  :func:`cgf_optax.entangle`). With ``normalize_scope="leaf"`` every leaf moves
+  by exactly η per step, so use a decaying schedule to converge.
+
+  Args:
+    learning_rate: η, a number or an :class:`optax.Schedule`.
+    lam: see :func:`cgf_optax.entangle`.
+    adapt_rate: see :func:`cgf_optax.entangle`.
+    lam_bounds: see :func:`cgf_optax.entangle`.
+    num_heads: see :func:`cgf_optax.context_align`.
+    gamma: see :func:`cgf_optax.context_align`.
+    rho: see :func:`cgf_optax.context_align`.
+    normalize_scope: ``scope`` of :func:`cgf_optax.normalize`.
+    eps: see :func:`cgf_optax.normalize`.
+    require_context: see :func:`cgf_optax.context_align`.
+    state_dtype: dtype of the entangled-gradient state.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, cgf_optax
+    >>> tx = cgf_optax.cegm(optax.linear_schedule(0.1, 0.0, 100),
+    ...                     require_context=False)
+    >>> params = jnp.array([1.0, -2.0])
+    >>> state = tx.init(params)
+    >>> for _ in range(100):
+    ...   loss, g = jax.value_and_grad(lambda p: jnp.sum(p ** 2))(params)
+    ...   u, state = tx.update(g, state, params, value=loss)
+    ...   params = optax.apply_updates(params, u)
+    >>> bool(jnp.linalg.norm(params) < 0.1)
+    True
+
+  References:
+    CEGM, Algorithm 1 (``../shared/seeds``).
+  """
+  v.number_or_schedule("learning_rate", learning_rate)
+  return optax.chain(
+      entangle(lam, adapt_rate, lam_bounds, state_dtype=state_dtype),
+      context_align(num_heads, gamma, rho, require_context=require_context),
+      normalize(normalize_scope, eps),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def cegm_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    *,
+    lam: float = 0.9,
+    adapt_rate: float = 0.0,
+    lam_bounds: tuple[float, float] = (0.05, 1.0),
+    num_heads: int = 1,
+    gamma: float = 1.0,
+    rho: float = 0.9,
+    normalize_scope: str | None = "leaf",
+    normalize_eps: float = 1e-8,
+    require_context: bool = True,
+    state_dtype: Any = None,
+    mu_dtype: Any = None,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""The CEGM steps ahead of AdamW's moments.
+
+  ``entangle`` → ``context_align`` → ``normalize`` → ``scale_by_adam`` →
+  decoupled weight decay → ``-learning_rate``. Adam sees the normalised,
+  context-aligned, entangled gradient; per-leaf normalisation makes every
+  step's gradient the same size before Adam's moments average it, so Adam's
+  second moment tracks the *direction*'s spread rather than the gradient
+  scale. ``normalize_scope=None`` drops the normalisation.
+
+  Args:
+    learning_rate: a number or an :class:`optax.Schedule`.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon.
+    weight_decay: decoupled weight decay.
+    lam: see :func:`cgf_optax.entangle`.
+    adapt_rate: see :func:`cgf_optax.entangle`.
+    lam_bounds: see :func:`cgf_optax.entangle`.
+    num_heads: see :func:`cgf_optax.context_align`.
+    gamma: see :func:`cgf_optax.context_align`.
+    rho: see :func:`cgf_optax.context_align`.
+    normalize_scope: ``"leaf"``, ``"global"`` or ``None``.
+    normalize_eps: see :func:`cgf_optax.normalize`.
+    require_context: see :func:`cgf_optax.context_align`.
+    state_dtype: dtype of the entangled-gradient state.
+    mu_dtype: dtype of Adam's first moment.
+    mask: weight-decay mask, as in :func:`optax.adamw`.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax.numpy as jnp, cgf_optax
+    >>> tx = cgf_optax.cegm_adamw(1e-3, weight_decay=0.01, num_heads=2)
+    >>> state = tx.init({"w": jnp.zeros((8, 8))})
+
+  References:
+    CEGM, Algorithm 1 (``../shared/seeds``); Loshchilov & Hutter, 2019
+    (arXiv:1711.05101).
+  """
+  v.number_or_schedule("learning_rate", learning_rate)
+  v.number("weight_decay", weight_decay, minimum=0.0)
+  return optax.chain(
+      entangle(lam, adapt_rate, lam_bounds, state_dtype=state_dtype),
+      context_align(num_heads, gamma, rho, require_context=require_context),
+      (normalize(normalize_scope, normalize_eps) if normalize_scope is not None
+       else optax.identity()),
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )

@@ -1,0 +1,121 @@
+"""Capture the inputs of a Flax nnx model's linear layers during its forward pass."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_LOCK = threading.RLock()
+_INHERITED = object()
+
+
+class Captured(dict):
+  """``{kernel path: activations}``, filled while :func:`capture_context` is open.
+
+  Keys are the kernel's parameter path, ``'blocks/0/attn/qkv/kernel'``, as
+  :func:`cgf_optax.context_align` expects them. A layer called several times in
+  one forward pass gets its inputs stacked on a new leading (token) axis.
+  """
+
+
+def _module_paths(model: nnx.Module) -> dict[int, str]:
+  return {id(m): "/".join(str(p) for p in path)
+          for path, m in nnx.iter_modules(model)}
+
+
+def _single_input_axis(module: Any) -> bool:
+  if isinstance(module, nnx.Linear):
+    return True
+  if isinstance(module, nnx.LinearGeneral):
+    axis = module.axis
+    return isinstance(axis, int) or len(tuple(axis)) == 1
+  return False
+
+
+@contextlib.contextmanager
+def capture_context(
+    model: nnx.Module,
+    *,
+    types: Sequence[type] = (nnx.Linear, nnx.LinearGeneral),
+    stop_gradient: bool = True,
+    dtype: Any = None,
+) -> Iterator[Captured]:
+  """Records, during the forward pass inside the block, each linear layer's input.
+
+  Use it inside the function you differentiate, around the model call, and
+  return the result as an auxiliary output: the context is then captured in
+  the same forward pass that computes the loss, with no second pass::
+
+    def loss_fn(model, x, y):
+      with cgf_optax.nnx.capture_context(model) as ctx:
+        logits = model(x)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, dict(ctx)
+
+    (loss, ctx), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, x, y)
+    optimizer.update(model, grads, context=ctx, value=loss)
+
+  It works under :func:`flax.nnx.jit` and :func:`jax.jit` (it records the
+  traced values of the function it is used in). Layers captured: instances
+  of ``types`` found in ``model`` (``nnx.Linear``, and ``nnx.LinearGeneral``
+  with a single input axis, e.g. the query/key/value projections of
+  ``nnx.MultiHeadAttention``), keyed by the path of their ``kernel``.
+
+  While the block is open, the ``__call__`` of those classes is wrapped
+  (process-wide, under a lock; restored on exit), so keep the block around
+  the forward pass only.
+
+  Args:
+    model: the model whose layers to watch (the object the forward pass uses).
+    types: the layer classes to capture.
+    stop_gradient: detach the captured activations (they are optimizer
+      inputs, not part of the loss).
+    dtype: cast the captured activations (e.g. ``jnp.bfloat16`` to halve their
+      memory); ``None`` keeps the layer input's dtype.
+
+  Yields:
+    A :class:`Captured` dict, filled when the block exits.
+  """
+  paths = _module_paths(model)
+  records: dict[str, list[jax.Array]] = {}
+  captured = Captured()
+
+  def wrap(cls: type) -> Any:
+    original = cls.__call__  # resolved through the MRO
+
+    def call(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+      path = paths.get(id(self))
+      if path is not None and _single_input_axis(self):
+        x = jax.lax.stop_gradient(inputs) if stop_gradient else inputs
+        if dtype is not None:
+          x = x.astype(dtype)
+        key = f"{path}/kernel" if path else "kernel"
+        records.setdefault(key, []).append(x)
+      return original(self, inputs, *args, **kwargs)
+
+    return call
+
+  with _LOCK:
+    patched: dict[type, Any] = {}
+    for cls in types:
+      if cls not in patched:
+        # The class's own __call__ if it defines one (restored on exit), else
+        # a sentinel meaning "inherited" (the override is deleted on exit).
+        patched[cls] = cls.__dict__.get("__call__", _INHERITED)
+        cls.__call__ = wrap(cls)
+    try:
+      yield captured
+    finally:
+      for cls, own in patched.items():
+        if own is _INHERITED:
+          del cls.__call__
+        else:
+          cls.__call__ = own
+  for key, xs in records.items():
+    captured[key] = xs[0] if len(xs) == 1 else jnp.stack(xs)

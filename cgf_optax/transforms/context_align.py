@@ -1,0 +1,209 @@
+"""CEGM step 2: align the gradient with the model's context (hidden states)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import numerics
+
+from cgf_optax import _validation as v
+from cgf_optax.transforms._leaves import path_str
+
+
+class ContextAlignState(NamedTuple):
+  """State of :func:`context_align`.
+
+  Attributes:
+    count: number of updates so far (int32).
+    context: per leaf of 2+ dimensions whose fan-in ``shape[0]`` is divisible
+      by ``num_heads``, the recurrent EMA of the pooled context, float32 of
+      shape ``[num_heads, fan_in // num_heads]``; ``None`` for other leaves.
+    steps: per such leaf, the number of contexts folded into the EMA (int32),
+      used for its bias correction.
+  """
+
+  count: jax.Array
+  context: Any
+  steps: Any
+
+
+def context_align(
+    num_heads: int = 1,
+    gamma: float = 1.0,
+    rho: float = 0.9,
+    eps: float = 1e-12,
+    *,
+    require_context: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Amplifies each kernel's gradient along the directions its context occupies.
+
+  CEGM's Algorithm 1, lines 8–9: aggregate the contextual dynamics,
+  :math:`C_t = \sum_i \alpha_i C_i` with :math:`\alpha = \mathrm{softmax}(f(C))`,
+  then form the entanglement operator :math:`E_t = G_t C_t^\top`. The paper's
+  product is not shape-correct for a kernel; this is the reading that is.
+
+  The context of a kernel :math:`W \in \mathbb{R}^{n_\text{in} \times \cdots}`
+  is the activations that multiply it, passed as the extra argument
+  ``context={path: C}`` with ``C`` of shape ``[..., n_in]`` (all leading axes
+  are tokens); :mod:`cgf_optax.nnx` captures it from a Flax model. The
+  features are split into ``num_heads`` heads of size :math:`d = n_\text{in}/H`
+  ("multi-head"), and per head :math:`h`:
+
+  1. attention pooling over the tokens, with the running context as the
+     query ("recurrent aggregation"):
+     :math:`\alpha_i = \mathrm{softmax}_i(\langle C_{i,h}, \hat m_h\rangle /
+     \sqrt d)`, :math:`c_h = \sum_i \alpha_i C_{i,h}` (plain mean pooling while
+     :math:`\hat m = 0`, i.e. at the first step);
+  2. the recurrent EMA :math:`m_h \leftarrow \rho\, m_h + (1-\rho)\, c_h`,
+     bias-corrected to :math:`\hat m_h`, kept in the state;
+  3. :math:`u_h \in \mathbb{R}^{n_\text{in}}`: :math:`\hat m_h` placed in head
+     :math:`h`'s slice of the input axis, zero elsewhere. The :math:`u_h` have
+     disjoint supports, so :math:`Q = [u_h / \|u_h\|]_h` is orthonormal by
+     construction (no QR), and
+
+  .. math::
+    E = G + \gamma\, Q Q^\top G
+
+  on the kernel's input axis (axis 0; other axes are flattened). With
+  :math:`\gamma = 0` this is the identity. Leaves without a context pass
+  through unchanged (their state too).
+
+  Args:
+    num_heads: :math:`H`, must divide the fan-in of every kernel given a
+      context.
+    gamma: :math:`\gamma \ge 0`, the strength of the amplification.
+    rho: :math:`\rho \in [0, 1)`, the decay of the recurrent context EMA.
+    eps: heads whose pooled context has norm below ``eps`` are left out of
+      :math:`Q`.
+    require_context: raise if ``update`` is called without ``context=``
+      (set ``False`` to let such calls pass everything through).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` taking
+    ``context={path: activations}``; paths are ``'a/b/kernel'`` strings.
+
+  Raises (at trace time): ``ValueError`` naming the path when a context's
+  feature size does not match the kernel's fan-in, when ``num_heads`` does
+  not divide it, or when a context names no parameter.
+
+  Example:
+    >>> import jax.numpy as jnp, cgf_optax
+    >>> tx = cgf_optax.context_align(gamma=1.0)
+    >>> params = {"w": jnp.zeros((2, 3))}
+    >>> ctx = {"w": jnp.array([[1.0, 0.0], [1.0, 0.0]])}   # 2 tokens
+    >>> g = {"w": jnp.ones((2, 3))}
+    >>> tx.update(g, tx.init(params), context=ctx)[0]["w"]  # row 0 doubled
+    Array([[2., 2., 2.],
+           [1., 1., 1.]], dtype=float32)
+
+  References:
+    CEGM, Algorithm 1 lines 8–9 and Section "Implementation" (multi-head
+    attention and recurrent context aggregation) (``../shared/seeds``).
+  """
+  num_heads = v.static_int("num_heads", num_heads, minimum=1,
+                           static_names=("num_heads",))
+  gamma = v.number("gamma", gamma, minimum=0.0)
+  rho = v.number("rho", rho, minimum=0.0, maximum=1.0)
+  if not v.is_traced(rho) and float(rho) >= 1.0:
+    raise ValueError(f"`rho` must be < 1, got {float(rho)}.")
+  eps = v.number("eps", eps, minimum=0.0)
+
+  def heads_of(leaf: Any) -> int | None:
+    if leaf.ndim < 2 or leaf.shape[0] % num_heads or leaf.shape[0] == 0:
+      return None
+    return leaf.shape[0] // num_heads
+
+  def init_fn(params: Any) -> ContextAlignState:
+    def ctx(leaf):
+      d = heads_of(leaf)
+      return None if d is None else jnp.zeros((num_heads, d), jnp.float32)
+
+    def steps(leaf):
+      return None if heads_of(leaf) is None else jnp.zeros([], jnp.int32)
+
+    return ContextAlignState(count=jnp.zeros([], jnp.int32),
+                             context=jax.tree.map(ctx, params),
+                             steps=jax.tree.map(steps, params))
+
+  def update_fn(updates, state, params=None, *, context=None, **extra_args):
+    del params, extra_args
+    if context is None:
+      if require_context:
+        raise ValueError(
+            "context_align needs the extra argument `context` (a mapping from "
+            "parameter path to the activations that multiply that kernel), "
+            "e.g. tx.update(grads, state, params, context=ctx); see "
+            "cgf_optax.nnx.capture_context. Build it with "
+            "require_context=False to allow steps without context.")
+      context = {}
+    if not isinstance(context, Mapping):
+      raise v.HyperparameterTypeError(
+          f"`context` must be a mapping {{path: activations}}, got "
+          f"{type(context).__name__}.")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    paths = [path_str(p) for p, _ in flat]
+    unknown = sorted(set(context) - set(paths))
+    if unknown:
+      raise ValueError(
+          f"`context` has entries for {unknown}, which are not parameter paths "
+          f"of the updates (known paths include {paths[:8]}).")
+    ctx_states = treedef.flatten_up_to(state.context)
+    step_states = treedef.flatten_up_to(state.steps)
+    out, new_ctx, new_steps = [], list(ctx_states), list(step_states)
+    for i, (path, (_, g)) in enumerate(zip(paths, flat, strict=True)):
+      c = context.get(path)
+      if c is None:
+        out.append(g)
+        continue
+      c = jnp.asarray(c)
+      if g.ndim < 2:
+        raise ValueError(
+            f"context_align: got a context for '{path}', of shape {g.shape}; "
+            "contexts are for kernels of 2+ dimensions.")
+      if c.ndim < 1 or c.shape[-1] != g.shape[0]:
+        raise ValueError(
+            f"context_align: the context for '{path}' has shape {c.shape}, "
+            f"whose last (feature) axis does not match the kernel's fan-in "
+            f"(axis 0) of shape {g.shape}.")
+      if ctx_states[i] is None:
+        raise ValueError(
+            f"context_align: num_heads={num_heads} does not divide the fan-in "
+            f"{g.shape[0]} of '{path}' (kernel shape {g.shape}).")
+      e, m, k = _align(g, c, ctx_states[i], step_states[i], num_heads, gamma,
+                       rho, eps)
+      out.append(e)
+      new_ctx[i], new_steps[i] = m, k
+    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
+    return unflat(out), ContextAlignState(
+        count=numerics.safe_increment(state.count), context=unflat(new_ctx),
+        steps=unflat(new_steps))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _align(g, c, m, k, num_heads, gamma, rho, eps):
+  """One leaf: pool the context, update its EMA, amplify ``g`` along it."""
+  n_in = g.shape[0]
+  d = n_in // num_heads
+  tokens = c.reshape(-1, num_heads, d).astype(jnp.float32)       # [N, H, d]
+  finite = jnp.all(jnp.isfinite(tokens))
+  bias = 1 - rho ** k.astype(jnp.float32)
+  m_hat = jnp.where(k > 0, m / jnp.where(k > 0, bias, 1.0), 0.0)  # [H, d]
+  scores = jnp.einsum("nhd,hd->nh", tokens, m_hat) / math.sqrt(d)
+  alpha = jax.nn.softmax(scores, axis=0)                          # over tokens
+  pooled = jnp.einsum("nh,nhd->hd", alpha, tokens)
+  new_m = jnp.where(finite, rho * m + (1 - rho) * pooled, m)
+  new_k = k + finite.astype(jnp.int32)
+  u = new_m / jnp.where(new_k > 0, 1 - rho ** new_k.astype(jnp.float32), 1.0)
+  norm = jnp.linalg.norm(u, axis=-1, keepdims=True)
+  u = jnp.where(norm > eps, u / jnp.maximum(norm, eps), 0.0)       # [H, d]
+  dt = jnp.promote_types(g.dtype, jnp.float32)
+  gh = g.reshape(num_heads, d, -1).astype(dt)                      # [H, d, out]
+  coef = jnp.einsum("hd,hdo->ho", u.astype(dt), gh)
+  e = gh + gamma * u.astype(dt)[:, :, None] * coef[:, None, :]
+  return e.reshape(g.shape).astype(g.dtype), new_m.astype(m.dtype), new_k

@@ -1,0 +1,136 @@
+"""CEGM step 1: entangle the gradient with its history, λ adapted from the loss."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import numerics
+
+from cgf_optax import _validation as v
+
+
+class EntangleState(NamedTuple):
+  """State of :func:`entangle`.
+
+  Attributes:
+    count: number of updates so far (int32).
+    lam: the current entanglement coefficient λ (float32).
+    prev: :math:`G_{t-1}`, the last entangled gradient (params-shaped).
+    prev_loss: the last finite loss passed as ``value`` (float32; NaN before
+      the first one).
+  """
+
+  count: jax.Array
+  lam: jax.Array
+  prev: Any
+  prev_loss: jax.Array
+
+
+def entangle(
+    lam: float = 0.9,
+    adapt_rate: float = 0.0,
+    lam_bounds: tuple[float, float] = (0.05, 1.0),
+    *,
+    state_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Entangles the gradient with its history, :math:`\lambda G + (1-\lambda) G_{t-1}`.
+
+  CEGM's Algorithm 1, line 7, exactly as the paper writes it, with
+  :math:`G_0 = 0` (line 2) and :math:`G_{t-1}` kept in the state. Note that the
+  paper weights the *current* gradient by λ: λ = 1 is the identity, small λ
+  leans on history (an EMA of decay :math:`1-\lambda`, without bias
+  correction).
+
+  λ adapts from the loss (line 12), passed the Optax way as the extra
+  argument ``value``: after the step,
+
+  .. math::
+    \lambda \leftarrow \mathrm{clip}\big(\lambda + \Delta\lambda\, g(L_t),
+      \lambda_\text{lo}, \lambda_\text{hi}\big),\qquad
+    g(L_t) = \frac{L_{t-1} - L_t}{|L_{t-1}|},
+
+  the relative loss *decrease*: while the loss falls, λ grows and the step
+  follows the fresh gradient; when it rises, λ shrinks and the step leans on
+  the smoother history. The first loss only sets :math:`L_{t-1}`. Without
+  ``value`` λ stays fixed; a NaN or infinite loss leaves λ and
+  :math:`L_{t-1}` unchanged. Entries of a non-finite gradient do not enter
+  :math:`G_{t-1}` (they pass through to the output).
+
+  Args:
+    lam: initial λ, within ``lam_bounds``.
+    adapt_rate: :math:`\Delta\lambda` (0 disables adaptation).
+    lam_bounds: ``(lo, hi)`` with ``0 <= lo <= hi <= 1``.
+    state_dtype: dtype of :math:`G_{t-1}` (default: the gradient's; bfloat16
+      halves the state's memory traffic).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` taking ``value=loss``.
+
+  Example:
+    >>> import jax.numpy as jnp, cgf_optax
+    >>> tx = cgf_optax.entangle(lam=0.5)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> g1, state = tx.update(jnp.array([2.0, 4.0]), state)    # 0.5 g + 0.5 * 0
+    >>> g2, state = tx.update(jnp.array([0.0, 0.0]), state)    # 0.5 * 0 + 0.5 g1
+    >>> g1, g2
+    (Array([1., 2.], dtype=float32), Array([0.5, 1. ], dtype=float32))
+
+  References:
+    CEGM, Algorithm 1 lines 2, 7 and 12 (``../shared/seeds``).
+  """
+  if not isinstance(lam_bounds, (tuple, list)) or len(lam_bounds) != 2:
+    raise v.HyperparameterTypeError(
+        f"`lam_bounds` must be a pair (lo, hi), got {lam_bounds!r}.")
+  lo = v.number("lam_bounds[0]", lam_bounds[0], minimum=0.0, maximum=1.0)
+  hi = v.number("lam_bounds[1]", lam_bounds[1], minimum=0.0, maximum=1.0)
+  if not v.is_traced(lo) and not v.is_traced(hi) and float(lo) > float(hi):
+    raise ValueError(f"`lam_bounds` must have lo <= hi, got {lam_bounds!r}.")
+  lam = v.number("lam", lam, minimum=0.0, maximum=1.0)
+  if not any(map(v.is_traced, (lam, lo, hi))) and not (
+      float(lo) <= float(lam) <= float(hi)):
+    raise ValueError(f"`lam`={float(lam)} must lie within `lam_bounds`="
+                     f"{tuple(lam_bounds)}.")
+  adapt_rate = v.number("adapt_rate", adapt_rate, minimum=0.0)
+  state_dtype = None if state_dtype is None else jnp.dtype(state_dtype)
+
+  def init_fn(params: Any) -> EntangleState:
+    return EntangleState(
+        count=jnp.zeros([], jnp.int32),
+        lam=jnp.asarray(lam, jnp.float32),
+        prev=optax.tree.zeros_like(params, dtype=state_dtype),
+        prev_loss=jnp.full([], jnp.nan, jnp.float32))
+
+  def update_fn(updates, state, params=None, *, value=None, **extra_args):
+    del params, extra_args
+    lam_t = state.lam
+
+    def mix(g, prev):
+      dt = jnp.promote_types(g.dtype, jnp.float32)
+      lam_c = lam_t.astype(dt)
+      return (lam_c * g.astype(dt) + (1 - lam_c) * prev.astype(dt)).astype(g.dtype)
+
+    out = jax.tree.map(mix, updates, state.prev)
+    prev = jax.tree.map(
+        lambda g, p, o: jnp.where(jnp.isfinite(g), o.astype(p.dtype), p),
+        updates, state.prev, out)
+
+    new_lam, new_prev_loss = lam_t, state.prev_loss
+    if value is not None:
+      loss = jnp.asarray(value, jnp.float32)
+      if loss.shape != ():
+        raise ValueError(
+            f"entangle: `value` must be the scalar loss, got shape {loss.shape}.")
+      ok = jnp.isfinite(loss)
+      have_prev = jnp.isfinite(state.prev_loss)
+      denom = jnp.maximum(jnp.abs(state.prev_loss), 1e-12)
+      rel = jnp.where(ok & have_prev, (state.prev_loss - loss) / denom, 0.0)
+      new_lam = jnp.clip(lam_t + adapt_rate * rel, lo, hi).astype(jnp.float32)
+      new_prev_loss = jnp.where(ok, loss, state.prev_loss)
+    return out, EntangleState(
+        count=numerics.safe_increment(state.count), lam=new_lam, prev=prev,
+        prev_loss=new_prev_loss)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
