@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from cgf_optax import _validation as v
@@ -19,6 +21,30 @@ from cgf_optax.transforms.scale import ScaleWeight, scale_by_scales
 CGFM_STATIC_ARGS = ("strategy", "num_scales", "rank", "refresh_every",
                     "intermediate_rank", "power_iters", "seed", "overrides")
 CEGM_STATIC_ARGS = ("num_heads",)
+
+
+class _GuardState(NamedTuple):
+  inner: Any
+
+
+def _keep_state_if_nonfinite(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+  """Runs ``inner``; keeps its previous state when the updates are not finite."""
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return _GuardState(inner=inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    out, new = inner.update(updates, state.inner, params, **extra_args)
+    # One reduction over the updates: the price of opting into momentum.
+    finite = jnp.all(jnp.array(
+        [jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)] or [True]))
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state.inner)
+    return out, _GuardState(inner=new)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def cgfm(
@@ -106,7 +132,7 @@ def cgfm(
                 overrides=overrides, seed=seed),
       scale_by_scales(local=local, intermediate=intermediate, global_=global_),
       modulate_by_gradient_norm(reference, max_factor, scope),
-      (optax.trace(decay=momentum, nesterov=nesterov)
+      (_keep_state_if_nonfinite(optax.trace(decay=momentum, nesterov=nesterov))
        if momentum is not None else optax.identity()),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -72,9 +72,10 @@ def entanglement_penalty(
   hidden = jnp.asarray(hidden)
   if hidden.ndim < 1:
     raise ValueError("`hidden` must have a feature axis, got a scalar.")
-  g = jax.grad(lambda h: jnp.asarray(loss_of_hidden(h), jnp.float32))(hidden)
-  h32 = hidden.astype(jnp.float32)
-  g32 = g.astype(jnp.float32)
-  cos = jnp.sum(h32 * g32, axis=-1) / (
-      jnp.linalg.norm(h32, axis=-1) * jnp.linalg.norm(g32, axis=-1) + eps)
+  dt = jnp.promote_types(hidden.dtype, jnp.float32)   # float32, or float64
+  g = jax.grad(lambda h: jnp.asarray(loss_of_hidden(h)).astype(dt))(hidden)
+  hc = hidden.astype(dt)
+  gc = g.astype(dt)
+  cos = jnp.sum(hc * gc, axis=-1) / (
+      jnp.linalg.norm(hc, axis=-1) * jnp.linalg.norm(gc, axis=-1) + eps)
   return beta * lam * jnp.mean(1.0 - cos)

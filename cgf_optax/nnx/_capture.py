@@ -15,13 +15,11 @@ _LOCK = threading.RLock()
 _INHERITED = object()
 
 
-class Captured(dict):
-  """``{kernel path: activations}``, filled while :func:`capture_context` is open.
-
-  Keys are the kernel's parameter path, ``'blocks/0/attn/qkv/kernel'``, as
-  :func:`cgf_optax.context_align` expects them. A layer called several times in
-  one forward pass gets its inputs stacked on a new leading (token) axis.
-  """
+# ``{kernel path: activations}``: keys are the kernel's parameter path,
+# ``'blocks/0/attn/qkv/kernel'``, as :func:`cgf_optax.context_align` expects
+# them. A layer called several times in one forward pass gets its inputs
+# stacked on a new leading (token) axis. A plain dict, so a valid pytree.
+Captured = dict[str, jax.Array]
 
 
 def _module_paths(model: nnx.Module) -> dict[int, str]:
@@ -80,11 +78,11 @@ def capture_context(
       memory); ``None`` keeps the layer input's dtype.
 
   Yields:
-    A :class:`Captured` dict, filled when the block exits.
+    A dict ``{kernel path: activations}``, filled when the block exits.
   """
   paths = _module_paths(model)
   records: dict[str, list[jax.Array]] = {}
-  captured = Captured()
+  captured: Captured = {}
 
   def wrap(cls: type) -> Any:
     original = cls.__call__  # resolved through the MRO

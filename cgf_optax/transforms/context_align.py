@@ -13,6 +13,7 @@ from optax._src import numerics
 
 from cgf_optax import _validation as v
 from cgf_optax.transforms._leaves import path_str
+from cgf_optax.transforms._state import is_placeholder, not_params
 
 
 class ContextAlignState(NamedTuple):
@@ -119,6 +120,10 @@ def context_align(
     return leaf.shape[0] // num_heads
 
   def init_fn(params: Any) -> ContextAlignState:
+    if is_placeholder(params):  # optax.tree.map_params: nothing params-shaped
+      return ContextAlignState(count=jnp.zeros([], jnp.int32),
+                               context=not_params(), steps=not_params())
+
     def ctx(leaf):
       d = heads_of(leaf)
       return None if d is None else jnp.zeros((num_heads, d), jnp.float32)

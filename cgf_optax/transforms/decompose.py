@@ -14,6 +14,7 @@ from optax._src import numerics
 from cgf_optax import _validation as v
 from cgf_optax.transforms._leaves import MatrixAxes, MatrixView, path_str
 from cgf_optax.transforms._scales import Scales, whole
+from cgf_optax.transforms._state import is_placeholder, not_params
 
 STRATEGIES = ("lowrank", "temporal", "mean")
 _WHOLE = {"local": "local", "intermediate": "intermediate", "global": "global_",
@@ -325,6 +326,9 @@ def decompose(
     return leaves, [plan(path_str(p), leaf) for p, leaf in flat], treedef
 
   def init_fn(params: Any) -> DecomposeState:
+    if is_placeholder(params):  # optax.tree.map_params: nothing params-shaped
+      return DecomposeState(count=jnp.zeros([], jnp.int32), basis=not_params(),
+                            slow=not_params(), fast=not_params())
     leaves, plans, treedef = plans_of(params)
     key = jax.random.key(seed)
     basis, slow, fast = [], [], []
@@ -337,9 +341,9 @@ def decompose(
         b = jnp.linalg.qr(q)[0].astype(basis_dtype)
       elif p.kind == "temporal":
         dt = ema_dtype or leaf.dtype
-        s = jnp.zeros(leaf.shape, dt)
+        s = jnp.zeros_like(leaf, dtype=dt)   # keeps the leaf's sharding
         if num_scales == 3:
-          f = jnp.zeros(leaf.shape, dt)
+          f = jnp.zeros_like(leaf, dtype=dt)
       basis.append(b)
       slow.append(s)
       fast.append(f)
@@ -359,11 +363,12 @@ def decompose(
     # 1. Refresh the low-rank bases, all leaves under one cond.
     lr = [i for i, p in enumerate(plans) if p.kind == "lowrank"]
     if lr:
-      mats = [_oriented(plans[i], leaves[i]) for i in lr]
+      mats = [plans[i].view.to_matrix(leaves[i]) for i in lr]
       iters = jnp.where(count == 0, init_power_iters, power_iters)
 
       def refresh(qs):
-        return [_refresh(g, q, iters, plans[i].rank, rotate=num_scales == 3)
+        return [_refresh(g, q, iters, plans[i].rank, left=plans[i].left,
+                         rotate=num_scales == 3)
                 for g, q, i in zip(mats, qs, lr, strict=True)]
 
       new_qs = jax.lax.cond(count % refresh_every == 0, refresh, lambda qs: qs,
@@ -415,44 +420,92 @@ def _compute_dtype(g: jax.Array, q: jax.Array) -> Any:
   return jnp.promote_types(jnp.promote_types(g.dtype, q.dtype), jnp.float32)
 
 
-def _oriented(p: _Plan, g: jax.Array) -> jax.Array:
-  """The leaf as ``[batch, s, t]`` with the basis side first (``s <= t``)."""
-  m = p.view.to_matrix(g)
-  return m if p.left else jnp.swapaxes(m, -1, -2)
-
-
 def _refresh(g: jax.Array, q: jax.Array, iters: jax.Array, rank: int, *,
-             rotate: bool) -> jax.Array:
-  """Warm-started subspace iteration ``Q <- qr(G Gᵀ Q)`` on ``[batch, s, t]``."""
+             left: bool, rotate: bool) -> jax.Array:
+  """Warm-started subspace iteration on ``g`` ``[batch, m, n]``.
+
+  ``Q <- qr(G Gᵀ Q)`` for a basis on the fan-in side (``left``), else
+  ``Q <- qr(Gᵀ G Q)``; ``g`` is never transposed in memory.
+  """
   dt = _compute_dtype(g, q)
   g = g.astype(dt)
   q0 = q.astype(dt)
+  coef = _coef_fn(left)
 
   def body(_, q):
-    return jnp.linalg.qr(g @ (jnp.swapaxes(g, -1, -2) @ q))[0]
+    c = coef(g, q)                                   # Qᵀ G or G Q
+    gq = (_einsum("bmn,bkn->bmk", g, c) if left
+          else _einsum("bmn,bmk->bnk", g, c))
+    return jnp.linalg.qr(gq)[0]
 
   qn = jax.lax.fori_loop(0, iters, body, q0)
   if rotate and q.shape[-1] > rank:
-    b = jnp.swapaxes(qn, -1, -2) @ g                 # [batch, k, t]
-    _, vecs = jnp.linalg.eigh(b @ jnp.swapaxes(b, -1, -2))
-    qn = qn @ vecs[..., ::-1]                         # descending order
+    c = coef(g, qn)
+    gram = (_einsum("bkn,bjn->bkj", c, c) if left
+            else _einsum("bmk,bmj->bkj", c, c))
+    _, vecs = jnp.linalg.eigh(gram)
+    qn = qn @ vecs[..., ::-1]                        # descending order
   sq = jnp.sum(jnp.square(g), axis=(-2, -1))
   ok = jnp.isfinite(sq) & (sq > 0) & jnp.all(jnp.isfinite(qn), axis=(-2, -1))
   return jnp.where(ok[:, None, None], qn, q0).astype(q.dtype)
 
 
+def _explicit_spec(x: jax.Array) -> tuple[Any, ...] | None:
+  """The partition spec of ``x`` under explicit sharding, else ``None``."""
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  if spec is None or all(a is None for a in spec):
+    return None
+  return tuple(spec) + (None,) * (x.ndim - len(spec))
+
+
+def _einsum(subscripts: str, *operands: jax.Array) -> jax.Array:
+  """`jnp.einsum`, with the output sharding spelled out under explicit sharding.
+
+  A contraction over a sharded axis is ambiguous in JAX's explicit-sharding
+  mode; the output keeps, for each of its axes, the sharding that axis has in
+  the operands (contracted axes are summed across devices).
+  """
+  specs = [_explicit_spec(x) for x in operands]
+  if all(sp is None for sp in specs):
+    return jnp.einsum(subscripts, *operands)
+  inputs, output = subscripts.split("->")
+  by_letter: dict[str, Any] = {}
+  for term, sp in zip(inputs.split(","), specs, strict=True):
+    for letter, axis in zip(term, sp or (None,) * len(term), strict=True):
+      if by_letter.get(letter) is None:
+        by_letter[letter] = axis
+  out = jax.sharding.PartitionSpec(*(by_letter.get(ch) for ch in output))
+  return jnp.einsum(subscripts, *operands, out_sharding=out)
+
+
+def _coef_fn(left: bool):
+  if left:   # Q [b, m, k]: coefficients Qᵀ G [b, k, n]
+    return lambda g, q: _einsum("bmk,bmn->bkn", q, g)
+  return lambda g, q: _einsum("bmn,bnk->bmk", g, q)   # Q [b, n, k]: G Q
+
+
+def _project(q: jax.Array, c: jax.Array, left: bool) -> jax.Array:
+  if left:
+    return _einsum("bmk,bkn->bmn", q, c)
+  return _einsum("bmk,bnk->bmn", c, q)
+
+
 def _lowrank_split(g: jax.Array, q: jax.Array, p: _Plan) -> Scales:
-  gm = _oriented(p, g)
+  gm = p.view.to_matrix(g)
   dt = _compute_dtype(g, q)
   q = q.astype(dt)
   gc = gm.astype(dt)
-  c = jnp.swapaxes(q, -1, -2) @ gc                     # [batch, k, t]
-  glob = q[..., : p.rank] @ c[:, : p.rank]
-  inter = q[..., p.rank:] @ c[:, p.rank:] if p.k > p.rank else None
+  c = _coef_fn(p.left)(gc, q)
+  r = p.rank
+  if p.left:
+    glob = _project(q[..., :r], c[:, :r], True)
+    inter = _project(q[..., r:], c[:, r:], True) if p.k > r else None
+  else:
+    glob = _project(q[..., :r], c[..., :r], False)
+    inter = _project(q[..., r:], c[..., r:], False) if p.k > r else None
   local = gc - glob if inter is None else gc - glob - inter
 
   def back(x):
-    x = x if p.left else jnp.swapaxes(x, -1, -2)
     return p.view.from_matrix(x).astype(g.dtype)
 
   return Scales(local=back(local),

@@ -52,7 +52,9 @@ def entangle(
       \lambda_\text{lo}, \lambda_\text{hi}\big),\qquad
     g(L_t) = \frac{L_{t-1} - L_t}{|L_{t-1}|},
 
-  the relative loss *decrease*: while the loss falls, λ grows and the step
+  the relative loss *decrease*, clipped to :math:`[-1, 1]` (a non-negative
+  loss cannot fall by more than 100%; the clip stops one loss spike from
+  throwing λ to its bound): while the loss falls, λ grows and the step
   follows the fresh gradient; when it rises, λ shrinks and the step leans on
   the smoother history. The first loss only sets :math:`L_{t-1}`. Without
   ``value`` λ stays fixed; a NaN or infinite loss leaves λ and
@@ -126,7 +128,9 @@ def entangle(
       ok = jnp.isfinite(loss)
       have_prev = jnp.isfinite(state.prev_loss)
       denom = jnp.maximum(jnp.abs(state.prev_loss), 1e-12)
-      rel = jnp.where(ok & have_prev, (state.prev_loss - loss) / denom, 0.0)
+      rel = (state.prev_loss - loss) / denom
+      rel = jnp.where(ok & have_prev & jnp.isfinite(rel), rel, 0.0)
+      rel = jnp.clip(rel, -1.0, 1.0)
       new_lam = jnp.clip(lam_t + adapt_rate * rel, lo, hi).astype(jnp.float32)
       new_prev_loss = jnp.where(ok, loss, state.prev_loss)
     return out, EntangleState(

@@ -11,6 +11,7 @@ from optax._src import numerics
 
 from cgf_optax import _validation as v
 from cgf_optax.transforms._scales import is_scales
+from cgf_optax.transforms._state import is_placeholder
 
 REFERENCES = ("first", "ema")
 SCOPES = ("global", "leaf")
@@ -31,6 +32,7 @@ class ModulateState(NamedTuple):
     norm: the last gradient norm :math:`\\|\\nabla_\\text{adj}\\|` (telemetry).
     factor: the last modulation factor (telemetry, and what
       :func:`modulate_step` applies).
+    finite: whether the last gradient norm was finite (bool).
   """
 
   count: jax.Array
@@ -38,6 +40,7 @@ class ModulateState(NamedTuple):
   ref_steps: Any
   norm: Any
   factor: Any
+  finite: Any
 
 
 def _sq_norm(x: Any) -> jax.Array:
@@ -113,7 +116,7 @@ def modulate_by_gradient_norm(
     raise ValueError("`ema_decay` must be < 1 for reference='ema'.")
 
   def scalars(params: Any, value: float, dtype: Any) -> Any:
-    if scope == "global":
+    if scope == "global" or is_placeholder(params):
       return jnp.full([], value, dtype)
     return jax.tree.map(lambda _: jnp.full([], value, dtype), params,
                         is_leaf=is_scales)
@@ -124,9 +127,10 @@ def modulate_by_gradient_norm(
         reference=scalars(params, 0.0, jnp.float32),
         ref_steps=scalars(params, 0, jnp.int32),
         norm=scalars(params, 0.0, jnp.float32),
-        factor=scalars(params, 1.0, jnp.float32))
+        factor=scalars(params, 1.0, jnp.float32),
+        finite=scalars(params, True, jnp.bool_))
 
-  def step(norm, ref, ref_steps, factor_prev):
+  def step(norm, ref, ref_steps):
     ok = jnp.isfinite(norm)
     if reference == "first":
       take = ok & (ref_steps == 0) & (norm > 0)
@@ -143,23 +147,22 @@ def modulate_by_gradient_norm(
     if max_factor is not None:
       factor = jnp.minimum(factor, max_factor)
     factor = factor.astype(jnp.float32)
-    return factor, new_ref.astype(jnp.float32), new_steps, jnp.where(
-        ok, norm, 0.0).astype(jnp.float32)
+    return (factor, new_ref.astype(jnp.float32), new_steps,
+            jnp.where(ok, norm, 0.0).astype(jnp.float32), ok)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     if scope == "global":
       norm = jnp.sqrt(_sq_norm(updates))
-      factor, ref, steps, norm = step(norm, state.reference, state.ref_steps,
-                                      state.factor)
+      factor, ref, steps, norm, finite = step(norm, state.reference,
+                                              state.ref_steps)
       out = jax.tree.map(lambda u: (u * factor).astype(u.dtype), updates)
     else:
       norms = jax.tree.map(lambda u: jnp.sqrt(_sq_norm(u)), updates,
                            is_leaf=is_scales)
-      res = jax.tree.map(step, norms, state.reference, state.ref_steps,
-                         state.factor)
+      res = jax.tree.map(step, norms, state.reference, state.ref_steps)
       treedef = jax.tree.structure(norms)
-      factor, ref, steps, norm = (
+      factor, ref, steps, norm, finite = (
           jax.tree.unflatten(treedef, xs)
           for xs in zip(*treedef.flatten_up_to(res), strict=True))
       out = jax.tree.map(
@@ -167,7 +170,7 @@ def modulate_by_gradient_norm(
           updates, factor, is_leaf=is_scales)
     return out, ModulateState(
         count=numerics.safe_increment(state.count), reference=ref,
-        ref_steps=steps, norm=norm, factor=factor)
+        ref_steps=steps, norm=norm, factor=factor, finite=finite)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -194,6 +197,11 @@ def modulate_step(
   is computed from the gradient :math:`g` entering ``inner`` (e.g. Adam) and
   multiplies ``inner``'s output, so that it modulates the step size as CGFM
   prescribes instead of being normalised away by the adaptive method.
+
+  When the gradient is not finite (its norm is not), ``inner``'s state is left
+  as it was, so one bad step cannot poison Adam's moments for ever; the
+  non-finite output passes through for :func:`optax.apply_if_finite` or the
+  caller to see.
 
   Args:
     inner: the transformation whose step is modulated (e.g.
@@ -230,6 +238,12 @@ def modulate_step(
   def update_fn(updates, state, params=None, **extra_args):
     _, mod_state = modulation.update(updates, state.modulation, params)
     out, inner_state = inner.update(updates, state.inner, params, **extra_args)
+    # A non-finite gradient (seen through its norm, already computed) must not
+    # poison the inner optimizer's state: keep the previous one.
+    flags = jax.tree.leaves(mod_state.finite)
+    finite = jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+    inner_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), inner_state, state.inner)
     factor = mod_state.factor
     if scope == "global":
       out = jax.tree.map(lambda u: (u * factor).astype(u.dtype), out)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from cgf_optax import _validation as v
+from cgf_optax.transforms._state import is_placeholder
 
 SCOPES = ("leaf", "global")
 
@@ -59,7 +60,7 @@ def normalize(
   eps = v.number("eps", eps, minimum=0.0)
 
   def init_fn(params: Any) -> NormalizeState:
-    if scope == "global":
+    if scope == "global" or is_placeholder(params):
       return NormalizeState(norm=jnp.zeros([], jnp.float32))
     return NormalizeState(
         norm=jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params))
