@@ -4,7 +4,10 @@ Times one optimizer step (a jitted ``tx.update`` followed by
 ``optax.apply_updates``, params and optimizer state donated) on a
 transformer-shaped parameter tree, for ``optax.adamw(1e-3)`` and for
 ``cgf_optax.cgfm(1e-3, strategy=s)`` and ``cgf_optax.cgfm_adamw(1e-3,
-strategy=s)`` with ``s`` in lowrank / temporal / mean, all in the same run.
+strategy=s)`` with ``s`` in lowrank / temporal / mean, and for
+``cgf_optax.cegm`` and ``cgf_optax.cegm_adamw`` given a context of
+``--context-tokens`` activations per attention/MLP kernel and the loss as
+``value``, all in the same run.
 
 Usage::
 
@@ -199,6 +202,25 @@ def free_tree(tree: Any) -> None:
       x.delete()
 
 
+def make_contexts(grads: Any, tokens: int, dtype: Any, stacked: bool) -> dict:
+  """Random kernel inputs ``[tokens, fan_in]`` for every 2-D attention/MLP kernel.
+
+  Keys are parameter paths, as :func:`cgf_optax.context_align` expects them.
+  Stacked kernels ``[L, in, out]`` get none (``context_align`` aligns 2-D
+  kernels on their axis 0).
+  """
+  if stacked:
+    return {}
+  out = {}
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  for i, (path, g) in enumerate(flat):
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    if g.ndim == 2 and ("attn" in name or "mlp" in name):
+      out[name] = (jax.random.normal(jax.random.key(1000 + i),
+                                     (tokens, g.shape[0])).astype(dtype))
+  return jax.block_until_ready(out)
+
+
 # ----------------------------------------------------------------------------
 # Optimizers and their bytes floors.
 
@@ -207,8 +229,10 @@ class Spec:
   """One optimizer to time: its name, factory and bytes-floor model."""
 
   def __init__(self, name: str, make: Callable[[], optax.GradientTransformation],
-               pg: int, st: int, refresh_pg: int, periodic: bool):
+               pg: int, st: int, refresh_pg: int, periodic: bool,
+               uses_context: bool = False):
     self.name = name
+    self.uses_context = uses_context  # update gets context= and value=
     self.make = make
     self.pg = pg                  # param-dtype accesses per parameter per step
     self.st = st                  # state-dtype accesses per parameter per step
@@ -221,7 +245,12 @@ def optimizer_specs(args: argparse.Namespace) -> list[Spec]:
             num_scales=args.num_scales, power_iters=args.power_iters)
   three = args.num_scales == 3
   refresh_pg = 2 * args.power_iters + (1 if three else 0)
-  specs = [Spec("adamw", lambda: optax.adamw(1e-3), 3, 4, 0, False)]
+  specs = [Spec("adamw", lambda: optax.adamw(1e-3), 3, 4, 0, False),
+           # A peer with one global-norm reduction (read g once more: +P),
+           # for the cost of any global norm on this device.
+           Spec("clip+adamw", lambda: optax.chain(
+               optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
+               4, 4, 0, False)]
   for alias, fn, base_st in (("cgfm", cgf_optax.cgfm, 0),
                              ("cgfm_adamw", cgf_optax.cgfm_adamw, 4)):
     for s in STRATEGIES:
@@ -233,6 +262,18 @@ def optimizer_specs(args: argparse.Namespace) -> list[Spec]:
           f"{alias}/{s}",
           lambda fn=fn, s=s: fn(1e-3, strategy=s, **kw),
           4, st, refresh_pg if s == "lowrank" else 0, s == "lowrank"))
+  # CEGM: entangle keeps G_{t-1} (read + write: +2S); context_align's
+  # coefficients uᵀG and normalize's per-leaf norm are two reductions that must
+  # finish before the final pass, each re-reading g and G_{t-1} (+2P +2S).
+  # cegm (SGD): 3P + 2S + 2P + 2S = 5P + 4S [36 B]; cegm_adamw adds Adam's
+  # moments (+4S) [52 B]. The contexts (tokens × fan-in per kernel) are read
+  # once more; they are not per-parameter and not in the floor.
+  specs.append(Spec("cegm", lambda: cgf_optax.cegm(
+      1e-3, num_heads=args.num_heads, require_context=False), 5, 4, 0, False,
+      True))
+  specs.append(Spec("cegm_adamw", lambda: cgf_optax.cegm_adamw(
+      1e-3, num_heads=args.num_heads, require_context=False), 5, 8, 0, False,
+      True))
   if args.optimizers:
     wanted = [w.strip() for w in args.optimizers.split(",") if w.strip()]
     unknown = [w for w in wanted if w not in {sp.name for sp in specs}]
@@ -265,11 +306,12 @@ class Runner:
     self.tx = spec.make()
     tx = self.tx
 
-    def step(params, state, grads):
-      updates, state = tx.update(grads, state, params)
+    def step(params, state, grads, extra):
+      updates, state = tx.update(grads, state, params, **extra)
       return optax.apply_updates(params, updates), state
 
     self.step = jax.jit(step, donate_argnums=(0, 1))
+    self.extra: dict[str, Any] = {}
     self.params = None
     self.state = None
     self.count = 0        # steps taken since init (the decompose count)
@@ -294,7 +336,8 @@ class Runner:
 
   def one_step(self, grads: Any) -> float:
     t0 = time.perf_counter()
-    self.params, self.state = self.step(self.params, self.state, grads)
+    self.params, self.state = self.step(self.params, self.state, grads,
+                                        self.extra)
     jax.block_until_ready((self.params, self.state))
     dt = time.perf_counter() - t0
     self.count += 1
@@ -485,6 +528,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--refresh-every", type=int, default=10)
   p.add_argument("--num-scales", type=int, choices=(2, 3), default=2)
   p.add_argument("--power-iters", type=int, default=1)
+  p.add_argument("--num-heads", type=int, default=4,
+                 help="CEGM context heads")
+  p.add_argument("--context-tokens", type=int, default=2048,
+                 help="CEGM: tokens of context per kernel (batch × sequence)")
   p.add_argument("--steps", type=int, default=60,
                  help="timed steps per optimizer (rounded up to a multiple of "
                       "rounds × refresh_every)")
@@ -557,7 +604,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for k, v in bw_info["probes"].items())
         + f" (read + write, {bw_info['array_bytes'] / MiB:.0f} MiB arrays)")
 
+  contexts = make_contexts(grads, args.context_tokens, dtype, args.stacked)
+  context_bytes = tree_bytes(contexts)
+  print(f"CEGM context: {len(contexts)} kernels × {args.context_tokens} tokens "
+        f"({context_bytes / MiB:.0f} MiB)"
+        + (" — none: stacked kernels [L, in, out] take no context yet"
+           if args.stacked else ""))
   runners = [Runner(sp) for sp in optimizer_specs(args)]
+  for r in runners:
+    if r.spec.uses_context:
+      r.extra = {"context": contexts, "value": jnp.float32(1.0)}
   t_start = time.perf_counter()
   if args.interleave:
     for r in runners:
@@ -616,6 +672,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "stacked": args.stacked, "dtype": args.dtype, "params": n_params,
           "leaves": n_leaves, "param_bytes": param_bytes,
       },
+      "cegm_context": {"kernels": len(contexts), "tokens": args.context_tokens,
+                       "bytes": context_bytes, "num_heads": args.num_heads},
       "timing": {
           "rounds": args.rounds, "steps_per_round": per_round,
           "timed_steps": total, "warmup": args.warmup,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,28 +23,30 @@ CGFM_STATIC_ARGS = ("strategy", "num_scales", "rank", "refresh_every",
 CEGM_STATIC_ARGS = ("num_heads",)
 
 
-class _GuardState(NamedTuple):
-  inner: Any
-
-
-def _keep_state_if_nonfinite(
+def _zero_nonfinite(
     inner: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:
-  """Runs ``inner``; keeps its previous state when the updates are not finite."""
+  """Runs ``inner`` on zeros when the updates are not all finite.
+
+  ``inner``'s state (a momentum buffer) then stays finite; the step returned
+  is NaN, so the caller (or :func:`optax.apply_if_finite`) sees the bad step.
+  """
   inner = optax.with_extra_args_support(inner)
 
-  def init_fn(params):
-    return _GuardState(inner=inner.init(params))
-
   def update_fn(updates, state, params=None, **extra_args):
-    out, new = inner.update(updates, state.inner, params, **extra_args)
     # One reduction over the updates: the price of opting into momentum.
-    finite = jnp.all(jnp.array(
-        [jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)] or [True]))
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state.inner)
-    return out, _GuardState(inner=new)
+    sq = sum((jnp.sum(jnp.square(u.astype(jnp.float32)))
+              for u in jax.tree.leaves(updates)), start=jnp.float32(0))
+    finite = jnp.isfinite(sq)
+    safe = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)),
+                        updates)
+    out, state = inner.update(safe, state, params, **extra_args)
+    nan = jnp.float32(jnp.nan)
+    out = jax.tree.map(
+        lambda u: (u * jnp.where(finite, 1.0, nan)).astype(u.dtype), out)
+    return out, state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 def cgfm(
@@ -132,7 +134,7 @@ def cgfm(
                 overrides=overrides, seed=seed),
       scale_by_scales(local=local, intermediate=intermediate, global_=global_),
       modulate_by_gradient_norm(reference, max_factor, scope),
-      (_keep_state_if_nonfinite(optax.trace(decay=momentum, nesterov=nesterov))
+      (_zero_nonfinite(optax.trace(decay=momentum, nesterov=nesterov))
        if momentum is not None else optax.identity()),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -198,10 +198,11 @@ def modulate_step(
   multiplies ``inner``'s output, so that it modulates the step size as CGFM
   prescribes instead of being normalised away by the adaptive method.
 
-  When the gradient is not finite (its norm is not), ``inner``'s state is left
-  as it was, so one bad step cannot poison Adam's moments for ever; the
-  non-finite output passes through for :func:`optax.apply_if_finite` or the
-  caller to see.
+  When the gradient is not finite (its norm is not), ``inner`` is given zeros
+  instead, so one bad step cannot poison Adam's moments for ever (they decay
+  as on a zero-gradient step), and the step returned is NaN, so that
+  :func:`optax.apply_if_finite` or the caller sees the bad step as they would
+  with any Optax optimizer.
 
   Args:
     inner: the transformation whose step is modulated (e.g.
@@ -237,18 +238,23 @@ def modulate_step(
 
   def update_fn(updates, state, params=None, **extra_args):
     _, mod_state = modulation.update(updates, state.modulation, params)
-    out, inner_state = inner.update(updates, state.inner, params, **extra_args)
-    # A non-finite gradient (seen through its norm, already computed) must not
-    # poison the inner optimizer's state: keep the previous one.
     flags = jax.tree.leaves(mod_state.finite)
     finite = jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
-    inner_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old), inner_state, state.inner)
+    # A non-finite gradient (seen through its norm, already computed) must not
+    # poison the inner optimizer's state: the inner sees zeros instead. (A
+    # select on the input fuses into the inner update; a select between old
+    # and new states would defeat in-place updates of donated buffers.)
+    safe = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)),
+                        updates)
+    out, inner_state = inner.update(safe, state.inner, params, **extra_args)
     factor = mod_state.factor
+    nan = jnp.float32(jnp.nan)
     if scope == "global":
+      factor = jnp.where(finite, factor, nan)
       out = jax.tree.map(lambda u: (u * factor).astype(u.dtype), out)
     else:
-      out = jax.tree.map(lambda u, f: (u * f).astype(u.dtype), out, factor)
+      out = jax.tree.map(lambda u, f: (u * jnp.where(finite, f, nan)).astype(
+          u.dtype), out, factor)
     return out, ModulateStepState(modulation=mod_state, inner=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
