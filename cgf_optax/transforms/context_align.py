@@ -195,13 +195,19 @@ def _align(g, c, m, k, num_heads, gamma, rho, eps):
   """One leaf: pool the context, update its EMA, amplify ``g`` along it."""
   n_in = g.shape[0]
   d = n_in // num_heads
-  tokens = c.reshape(-1, num_heads, d).astype(jnp.float32)       # [N, H, d]
-  finite = jnp.all(jnp.isfinite(tokens))
+  # Tokens stay [N, n_in] (no per-head reshape of the large context, which
+  # costs a transpose on some backends): scores come from one matmul with
+  # the block-diagonal query [n_in, H], pooling from one fused reduction.
+  tokens = c.reshape(-1, n_in).astype(jnp.float32)                 # [N, n_in]
   bias = 1 - rho ** k.astype(jnp.float32)
   m_hat = jnp.where(k > 0, m / jnp.where(k > 0, bias, 1.0), 0.0)  # [H, d]
-  scores = jnp.einsum("nhd,hd->nh", tokens, m_hat) / math.sqrt(d)
-  alpha = jax.nn.softmax(scores, axis=0)                          # over tokens
-  pooled = jnp.einsum("nh,nhd->hd", alpha, tokens)
+  head_of = jnp.repeat(jnp.eye(num_heads, dtype=jnp.float32), d, axis=0)
+  query = m_hat.reshape(n_in, 1) * head_of                         # [n_in, H]
+  scores = (tokens @ query) / math.sqrt(d)                         # [N, H]
+  alpha = jax.nn.softmax(scores, axis=0)                           # over tokens
+  pooled = jnp.sum(tokens * jnp.repeat(alpha, d, axis=1), axis=0)
+  pooled = pooled.reshape(num_heads, d)
+  finite = jnp.all(jnp.isfinite(pooled))
   new_m = jnp.where(finite, rho * m + (1 - rho) * pooled, m)
   new_k = k + finite.astype(jnp.int32)
   u = new_m / jnp.where(new_k > 0, 1 - rho ** new_k.astype(jnp.float32), 1.0)
