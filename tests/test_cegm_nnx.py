@@ -226,3 +226,23 @@ def test_linear_call_is_restored():
     pass
   model(jnp.ones((1, 3)))
   assert ctx == {}
+
+
+def test_einsum_layers_are_captured_when_the_kernel_is_fan_in_first():
+  class Heads(nnx.Module):
+
+    def __init__(self, rngs):
+      # contracts the input's features with the kernel's first axis: captured
+      self.proj = nnx.Einsum("btd,dhk->bthk", (8, 2, 4), rngs=rngs)
+      # kernel laid out [out, in]: not a [fan_in, ...] map, so skipped
+      self.back = nnx.Einsum("btd,hd->bth", (3, 8), rngs=rngs)
+
+    def __call__(self, x):
+      return self.proj(x).sum() + self.back(x).sum()
+
+  model = Heads(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+  with cgf_optax.nnx.capture_context(model) as ctx:
+    model(x)
+  assert set(ctx) == {"proj/kernel"}
+  np.testing.assert_array_equal(np.asarray(ctx["proj/kernel"]), np.asarray(x))

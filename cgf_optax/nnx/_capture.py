@@ -27,12 +27,33 @@ def _module_paths(model: nnx.Module) -> dict[int, str]:
           for path, m in nnx.iter_modules(model)}
 
 
-def _single_input_axis(module: Any) -> bool:
+def _einsum_fan_in_first(einsum_str: str | None) -> bool:
+  """True when the input's last axis is contracted with the kernel's first.
+
+  E.g. ``'btd,dhk->bthk'`` or ``'...i,ij->...j'``: the kernel is then a linear
+  map of the input's feature axis, laid out ``[fan_in, ...]``.
+  """
+  if not einsum_str or "->" not in einsum_str:
+    return False
+  operands, out = einsum_str.replace(" ", "").split("->")
+  terms = operands.split(",")
+  if len(terms) != 2 or not terms[0] or not terms[1]:
+    return False
+  x, k = terms
+  letter = x[-1]
+  return letter == k[0] and letter not in out and k.count(letter) == 1
+
+
+def _single_input_axis(module: Any, args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> bool:
   if isinstance(module, nnx.Linear):
     return True
   if isinstance(module, nnx.LinearGeneral):
     axis = module.axis
     return isinstance(axis, int) or len(tuple(axis)) == 1
+  if isinstance(module, nnx.Einsum):
+    einsum_str = kwargs.get("einsum_str", args[0] if args else None)
+    return _einsum_fan_in_first(einsum_str or module.einsum_str)
   return False
 
 
@@ -40,7 +61,7 @@ def _single_input_axis(module: Any) -> bool:
 def capture_context(
     model: nnx.Module,
     *,
-    types: Sequence[type] = (nnx.Linear, nnx.LinearGeneral),
+    types: Sequence[type] = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum),
     stop_gradient: bool = True,
     dtype: Any = None,
 ) -> Iterator[Captured]:
@@ -61,9 +82,16 @@ def capture_context(
 
   It works under :func:`flax.nnx.jit` and :func:`jax.jit` (it records the
   traced values of the function it is used in). Layers captured: instances
-  of ``types`` found in ``model`` (``nnx.Linear``, and ``nnx.LinearGeneral``
-  with a single input axis, e.g. the query/key/value projections of
-  ``nnx.MultiHeadAttention``), keyed by the path of their ``kernel``.
+  of ``types`` found in ``model`` whose kernel is a linear map of the input's
+  last (feature) axis laid out ``[fan_in, ...]``: ``nnx.Linear``;
+  ``nnx.LinearGeneral`` with a single input axis (e.g. the query/key/value
+  projections of ``nnx.MultiHeadAttention``; its output projection, which
+  contracts two input axes, is skipped); ``nnx.Einsum`` whose equation
+  contracts the input's last axis with the kernel's first (``'btd,dhk->bthk'``).
+  They are keyed by the path of their ``kernel``, the same path
+  :func:`optax.tree` utilities and ``nnx.Optimizer`` give the gradient (from
+  ``nnx.state(model, nnx.Param)`` *as pure arrays*; raw ``nnx.state`` paths
+  end in ``/value``).
 
   While the block is open, the ``__call__`` of those classes is wrapped
   (process-wide, under a lock; restored on exit), so keep the block around
@@ -89,7 +117,7 @@ def capture_context(
 
     def call(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
       path = paths.get(id(self))
-      if path is not None and _single_input_axis(self):
+      if path is not None and _single_input_axis(self, args, kwargs):
         x = jax.lax.stop_gradient(inputs) if stop_gradient else inputs
         if dtype is not None:
           x = x.astype(dtype)
