@@ -1,4 +1,4 @@
-"""Trains a tiny byte-level transformer with AdamW and with the CGFM chains.
+"""Trains a tiny byte-level transformer with AdamW, the CGFM chains and CEGM.
 
 The main job until the training CLI lands: a small Flax nnx decoder-only
 transformer learns to predict the next byte of Python's own standard-library
@@ -15,7 +15,8 @@ The hyper-parameters below were fixed before looking at the results (AdamW
 3e-3 with warm-up and cosine decay, the usual choice for a model this
 size; the CGFM chains use the same schedule and their default
 arguments; SGD-based `cgfm` gets momentum 0.9 and a learning rate 30x
-larger, the usual SGD/Adam ratio). They are not tuned per optimizer, so this
+larger, the usual SGD/Adam ratio; `cegm_adamw` gets 4 context heads and
+adapts λ from the loss). They are not tuned per optimizer, so this
 is a demonstration, not a verdict: the quality benchmarks tune every arm
 equally.
 """
@@ -36,6 +37,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import cgf_optax
+import cgf_optax.nnx
 
 # ----------------------------------------------------------------------------
 # Data: Python's standard-library sources, byte-level, split by file.
@@ -135,22 +137,36 @@ def make_optimizers(lr: float, steps: int) -> dict[str, optax.GradientTransforma
                                      strategy="temporal")),
       "cgfm (sgd+momentum)": optax.chain(
           clip, cgf_optax.cgfm(sched(30 * lr), momentum=0.9, max_factor=4.0)),
+      "cegm_adamw": optax.chain(
+          clip, cgf_optax.cegm_adamw(sched(lr), weight_decay=0.01,
+                                     num_heads=4, adapt_rate=0.1)),
   }
+
+
+USES_CONTEXT = {"cegm_adamw"}   # fed the captured context and the loss
 
 
 def train_one(name, tx, graphdef, params0, train_it_seed, data, val_batches,
               args):
   def loss_fn(params, x, y):
-    logits = nnx.merge(graphdef, params)(x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    model = nnx.merge(graphdef, params)
+    # CEGM's context: the input of every linear layer, captured in this same
+    # forward pass (only used by the CEGM chain; cheap to collect).
+    with cgf_optax.nnx.capture_context(model) as ctx:
+      logits = model(x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, ctx
+
+  use_context = name in USES_CONTEXT
 
   @jax.jit
   def step(params, opt_state, x, y):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    (loss, ctx), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
+    extra = {"context": ctx, "value": loss} if use_context else {}
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  eval_loss = jax.jit(loss_fn)
+  eval_loss = jax.jit(lambda p, x, y: loss_fn(p, x, y)[0])
   params = params0
   opt_state = tx.init(params)
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(opt_state))

@@ -88,10 +88,10 @@ def capture_context(
   projections of ``nnx.MultiHeadAttention``; its output projection, which
   contracts two input axes, is skipped); ``nnx.Einsum`` whose equation
   contracts the input's last axis with the kernel's first (``'btd,dhk->bthk'``).
-  They are keyed by the path of their ``kernel``, the same path
-  :func:`optax.tree` utilities and ``nnx.Optimizer`` give the gradient (from
-  ``nnx.state(model, nnx.Param)`` *as pure arrays*; raw ``nnx.state`` paths
-  end in ``/value``).
+  They are keyed by the path of their ``kernel`` (``'blocks/0/qkv/kernel'``),
+  which is how the transforms name that gradient leaf, whether the gradient
+  is a raw ``nnx.State`` (as from ``nnx.split``/``jax.grad``) or pure arrays
+  (as ``nnx.Optimizer`` passes it).
 
   While the block is open, the ``__call__`` of those classes is wrapped
   (process-wide, under a lock; restored on exit), so keep the block around

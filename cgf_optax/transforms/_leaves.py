@@ -106,8 +106,17 @@ def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def path_str(path: Sequence[Any]) -> str:
-  """A parameter path as ``'layers/0/attn/kernel'``."""
-  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+  """A parameter path as ``'layers/0/attn/kernel'``.
+
+  A trailing ``.value`` attribute (how a Flax ``nnx.Variable`` holds its
+  array in a raw ``nnx.State``) is not part of the name, so raw and pure
+  states give the same paths.
+  """
+  path = tuple(path)
+  if (path and isinstance(path[-1], jax.tree_util.GetAttrKey)
+      and path[-1].name == "value"):
+    path = path[:-1]
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def map_with_path_str(
