@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 SCALE_NAMES = ("local", "intermediate", "global_")
 
@@ -46,6 +45,3 @@ def whole(g: jax.Array, scale: str) -> Scales:
   """A leaf placed whole into one scale."""
   return Scales(**{scale: g})
 
-
-def zeros_like_scales(x: Any) -> Any:
-  return jax.tree.map(jnp.zeros_like, x)
