@@ -1,4 +1,4 @@
-# Two-command workflow:  `make venv` (once) and `make test`.
+# Two-command workflow:  `make venv` (once) and `make test`; `make docs` builds the HTML docs.
 
 # Preferred interpreter; falls back to python3 when python3.11 is not on PATH.
 PY ?= python3.11
@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.stamp
 LINT_PATHS := $(wildcard cgf_optax tests examples benchmarks)
 
 .DEFAULT_GOAL := test
-.PHONY: venv test test-slow demo bench lint clean
+.PHONY: venv test test-slow demo bench docs lint clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,9 @@ demo: venv
 
 bench: venv
 	$(VPY) benchmarks/step_overhead.py
+
+docs: venv
+	$(VPY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 lint: venv
 	$(RUFF) check $(LINT_PATHS)

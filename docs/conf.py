@@ -36,6 +36,12 @@ napoleon_custom_sections = [("References", "params_style")]
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
+# Keep the aliases' names in signatures instead of their expanded unions.
+autodoc_type_aliases = {
+    "optax.ScalarOrSchedule": "optax.ScalarOrSchedule",
+    "ScaleWeight": "ScaleWeight",
+    "Overrides": "Overrides",
+}
 
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 myst_heading_anchors = 3
