@@ -242,7 +242,8 @@ class Spec:
 
 def optimizer_specs(args: argparse.Namespace) -> list[Spec]:
   kw = dict(rank=args.rank, refresh_every=args.refresh_every,
-            num_scales=args.num_scales, power_iters=args.power_iters)
+            num_scales=args.num_scales, power_iters=args.power_iters,
+            stagger=args.stagger)
   three = args.num_scales == 3
   refresh_pg = 2 * args.power_iters + (1 if three else 0)
   specs = [Spec("adamw", lambda: optax.adamw(1e-3), 3, 4, 0, False),
@@ -528,6 +529,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--refresh-every", type=int, default=10)
   p.add_argument("--num-scales", type=int, choices=(2, 3), default=2)
   p.add_argument("--power-iters", type=int, default=1)
+  p.add_argument("--stagger", action="store_true",
+                 help="lowrank: spread the basis refreshes over the period")
   p.add_argument("--num-heads", type=int, default=4,
                  help="CEGM context heads")
   p.add_argument("--context-tokens", type=int, default=2048,
@@ -687,7 +690,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   out = args.out or os.path.join(
       os.path.dirname(os.path.abspath(__file__)), "results",
       f"step_overhead-{sanitize(device_kind)}-{args.size}"
-      f"{'-stacked' if args.stacked else ''}-{args.dtype}.json")
+      f"{'-stacked' if args.stacked else ''}-{args.dtype}"
+      f"{'-stagger' if args.stagger else ''}.json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   tmp = out + ".tmp"
   with open(tmp, "w") as f:

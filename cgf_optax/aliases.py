@@ -58,6 +58,7 @@ def cgfm(
     refresh_every: int = 10,
     intermediate_rank: int | None = None,
     power_iters: int = 1,
+    stagger: bool = False,
     local: ScaleWeight = 1.0,
     intermediate: ScaleWeight = 1.0,
     global_: ScaleWeight = 0.5,
@@ -96,6 +97,7 @@ def cgfm(
     refresh_every: see :func:`cgf_optax.decompose`.
     intermediate_rank: see :func:`cgf_optax.decompose`.
     power_iters: see :func:`cgf_optax.decompose`.
+    stagger: see :func:`cgf_optax.decompose`.
     local: :math:`\lambda_\text{local}`, see :func:`cgf_optax.scale_by_scales`.
     intermediate: :math:`\lambda_\text{int}`.
     global_: :math:`\lambda_\text{global}`.
@@ -131,7 +133,7 @@ def cgfm(
   return optax.chain(
       decompose(strategy, num_scales, rank, refresh_every,
                 intermediate_rank=intermediate_rank, power_iters=power_iters,
-                overrides=overrides, seed=seed),
+                stagger=stagger, overrides=overrides, seed=seed),
       scale_by_scales(local=local, intermediate=intermediate, global_=global_),
       modulate_by_gradient_norm(reference, max_factor, scope),
       (_zero_nonfinite(optax.trace(decay=momentum, nesterov=nesterov))
@@ -153,6 +155,7 @@ def cgfm_adamw(
     refresh_every: int = 10,
     intermediate_rank: int | None = None,
     power_iters: int = 1,
+    stagger: bool = False,
     local: ScaleWeight = 1.0,
     intermediate: ScaleWeight = 1.0,
     global_: ScaleWeight = 0.5,
@@ -198,6 +201,7 @@ def cgfm_adamw(
     refresh_every: see :func:`cgf_optax.decompose`.
     intermediate_rank: see :func:`cgf_optax.decompose`.
     power_iters: see :func:`cgf_optax.decompose`.
+    stagger: see :func:`cgf_optax.decompose`.
     local: see :func:`cgf_optax.scale_by_scales`.
     intermediate: see :func:`cgf_optax.scale_by_scales`.
     global_: see :func:`cgf_optax.scale_by_scales`.
@@ -228,7 +232,7 @@ def cgfm_adamw(
   return optax.chain(
       decompose(strategy, num_scales, rank, refresh_every,
                 intermediate_rank=intermediate_rank, power_iters=power_iters,
-                overrides=overrides, seed=seed),
+                stagger=stagger, overrides=overrides, seed=seed),
       scale_by_scales(local=local, intermediate=intermediate, global_=global_),
       modulate_step(adam, reference, max_factor, scope) if modulate else adam,
       optax.add_decayed_weights(weight_decay, mask),

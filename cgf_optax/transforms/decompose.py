@@ -107,6 +107,7 @@ def decompose(
     intermediate_rank: int | None = None,
     power_iters: int = 1,
     init_power_iters: int = 4,
+    stagger: bool = False,
     fast_decay: float = 0.9,
     slow_decay: float = 0.99,
     vector_scale: str = "local",
@@ -200,6 +201,10 @@ def decompose(
       intermediate band (default: ``rank``).
     power_iters: subspace iterations per refresh.
     init_power_iters: subspace iterations at step 0 (random start).
+    stagger: spread the refreshes over the period: the low-rank leaves are
+      split into ``refresh_every`` groups of about equal cost and group
+      ``t % refresh_every`` is refreshed at step ``t`` (every leaf still once
+      per period; all of them at step 0), so no single step pays for all.
     fast_decay: ``temporal``: decay of the fast EMA.
     slow_decay: ``temporal``: decay of the slow EMA (> ``fast_decay``).
     vector_scale: scale that scalars and 1-D leaves go to whole: ``"local"``,
@@ -262,6 +267,9 @@ def decompose(
         "`vector_scale='intermediate'` needs num_scales=3 (with two scales "
         "there is no intermediate part).")
   nd_rule = v.choice("nd_rule", nd_rule, ("batch", "flatten"))
+  if not isinstance(stagger, bool):
+    raise v.HyperparameterTypeError(
+        f"`stagger` must be a bool, got {type(stagger).__name__} {stagger!r}.")
   if overrides is not None and not (callable(overrides)
                                     or isinstance(overrides, Mapping)):
     raise v.HyperparameterTypeError(
@@ -360,19 +368,30 @@ def decompose(
     fasts = treedef.flatten_up_to(state.fast)
     count = state.count
 
-    # 1. Refresh the low-rank bases, all leaves under one cond.
+    # 1. Refresh the low-rank bases: all leaves under one cond, or, with
+    #    `stagger`, one group of leaves per step (all of them at step 0).
     lr = [i for i, p in enumerate(plans) if p.kind == "lowrank"]
     if lr:
       mats = [plans[i].view.to_matrix(leaves[i]) for i in lr]
       iters = jnp.where(count == 0, init_power_iters, power_iters)
 
-      def refresh(qs):
-        return [_refresh(g, q, iters, plans[i].rank, left=plans[i].left,
-                         rotate=num_scales == 3)
-                for g, q, i in zip(mats, qs, lr, strict=True)]
+      def refresh_some(which):
+        def fn(qs):
+          return [_refresh(g, q, iters, plans[i].rank, left=plans[i].left,
+                           rotate=num_scales == 3) if j in which else q
+                  for j, (g, q, i) in enumerate(zip(mats, qs, lr, strict=True))]
+        return fn
 
-      new_qs = jax.lax.cond(count % refresh_every == 0, refresh, lambda qs: qs,
-                            [bases[i] for i in lr])
+      qs = [bases[i] for i in lr]
+      everything = refresh_some(set(range(len(lr))))
+      if stagger and refresh_every > 1:
+        groups = _balanced_groups([plans[i] for i in lr], refresh_every)
+        staggered = lambda qs: jax.lax.switch(
+            count % refresh_every, [refresh_some(g) for g in groups], qs)
+        new_qs = jax.lax.cond(count == 0, everything, staggered, qs)
+      else:
+        new_qs = jax.lax.cond(count % refresh_every == 0, everything,
+                              lambda qs: qs, qs)
       bases = list(bases)
       for i, q in zip(lr, new_qs, strict=True):
         bases[i] = q
@@ -409,6 +428,18 @@ def decompose(
         slow=unflat(new_slow), fast=unflat(new_fast))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _balanced_groups(plans: list[_Plan], n: int) -> list[set[int]]:
+  """Splits leaves into ``n`` groups of about equal refresh cost (LPT rule)."""
+  cost = [p.view.batch * p.view.m * p.view.n * p.k for p in plans]
+  groups: list[set[int]] = [set() for _ in range(n)]
+  load = [0] * n
+  for j in sorted(range(len(plans)), key=lambda j: -cost[j]):
+    g = min(range(n), key=lambda g: load[g])
+    groups[g].add(j)
+    load[g] += cost[j]
+  return groups
 
 
 def _ema(m: jax.Array, g: jax.Array, decay: Any, ok: jax.Array) -> jax.Array:
