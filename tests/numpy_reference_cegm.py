@@ -32,31 +32,10 @@ The maths, per the docstrings:
 import math
 
 import numpy as np
+from numpy_reference import flatten, unflatten  # noqa: F401  (re-exported)
 
 # --------------------------------------------------------------------------
 # Trees.
-
-
-def flatten(tree, prefix=""):
-  """Nested dicts -> ``{"a/b": leaf}`` (keys sorted, as JAX orders dicts)."""
-  if isinstance(tree, dict):
-    out = {}
-    for k in sorted(tree):
-      out.update(flatten(tree[k], f"{prefix}/{k}" if prefix else str(k)))
-    return out
-  return {prefix: tree}
-
-
-def unflatten(flat):
-  """``{"a/b": leaf}`` -> nested dicts."""
-  out = {}
-  for path, leaf in flat.items():
-    *head, last = path.split("/")
-    node = out
-    for k in head:
-      node = node.setdefault(k, {})
-    node[last] = leaf
-  return out
 
 
 def f64(flat):
