@@ -8,7 +8,7 @@ never turns into a crash deep inside a traced computation or a silent NaN.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -130,13 +130,5 @@ def choice(name: str, value: Any, options: Iterable[str]) -> str:
     raise ValueError(
         f"`{name}` must be one of {', '.join(map(repr, options))}; "
         f"got {value!r}."
-    )
-  return value
-
-
-def callable_or_none(name: str, value: Any) -> Callable[..., Any] | None:
-  if value is not None and not callable(value):
-    raise HyperparameterTypeError(
-        f"`{name}` must be callable or None, got {type(value).__name__}."
     )
   return value
