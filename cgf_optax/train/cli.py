@@ -1,0 +1,171 @@
+"""``cgf-optax``: train a small GPT with one optimizer, or compare several.
+
+    cgf-optax compare                      # AdamW vs CGFM vs CEGM on Shakespeare
+    cgf-optax compare --optimizers adamw cgfm_adamw:strategy=mean --steps 200
+    cgf-optax train --optimizer cegm_adamw:num_heads=4 --out runs/cegm
+    cgf-optax train --optimizer cegm_adamw --out runs/cegm --resume
+
+Every flag is a field of :class:`cgf_optax.train.TrainConfig`. Bad input
+(unknown optimizer or option, missing data, a checkpoint of another run)
+exits with status 2 and a message that names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cgf_optax.train.config import TrainConfig, parse_optimizer_spec
+
+__all__ = ["main", "parse_args"]
+
+
+def _add_config_flags(p: argparse.ArgumentParser, *, single: bool) -> None:
+  hints = typing.get_type_hints(TrainConfig)
+  for f in dataclasses.fields(TrainConfig):
+    flag = "--" + f.name.replace("_", "-")
+    meta = dict(f.metadata)
+    help_ = meta.pop("help", "")
+    default = f.default
+    if f.name == "optimizers":
+      if single:
+        p.add_argument("--optimizer", dest="optimizers", default="adamw",
+                       type=lambda s: (s,), metavar="SPEC",
+                       help="optimizer spec NAME[:key=value,...], e.g. "
+                       "cgfm_adamw:strategy=mean,rank=4 (default adamw)")
+      else:
+        p.add_argument(flag, default=default, metavar="SPEC", help=help_
+                       + " (default: %(default)s)", **meta)
+      continue
+    if f.name == "out" and single:
+      default = "runs/train"
+    kind = hints[f.name]
+    if kind is bool:
+      p.add_argument(flag, default=default,
+                     action=argparse.BooleanOptionalAction, help=help_)
+    else:
+      p.add_argument(flag, default=default, type=kind, help=help_
+                     + " (default: %(default)s)", **meta)
+
+
+def parse_args(argv: Sequence[str] | None = None
+               ) -> tuple[str, TrainConfig]:
+  """``(command, config)``; exits with status 2 on bad flags."""
+  parser = argparse.ArgumentParser(
+      prog="cgf-optax", description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  p_train = sub.add_parser("train", help="train with one optimizer")
+  _add_config_flags(p_train, single=True)
+  p_cmp = sub.add_parser("compare", help="train with several optimizers from "
+                         "the same initialisation and batches, then tabulate "
+                         "and plot")
+  _add_config_flags(p_cmp, single=False)
+  args = parser.parse_args(argv)
+  values = {f.name: getattr(args, f.name)
+            for f in dataclasses.fields(TrainConfig)}
+  values["optimizers"] = tuple(values["optimizers"])
+  try:
+    cfg = TrainConfig(**values)
+  except ValueError as e:
+    (p_train if args.command == "train" else p_cmp).error(str(e))
+  return args.command, cfg
+
+
+def _baselines(corpus) -> dict[str, float]:
+  from cgf_optax.train.data import unigram_bits
+  return {"uniform (8 bits)": 8.0,
+          f"unigram entropy ({unigram_bits(corpus.val):.2f})":
+          unigram_bits(corpus.val)}
+
+
+def run(command: str, cfg: TrainConfig) -> dict[str, Any]:
+  """Runs ``train`` or ``compare``; returns the summary written to
+  ``results.json``."""
+  import jax
+
+  from cgf_optax.train import data, loop, report
+  from cgf_optax.train.optimizers import build_optimizer
+
+  specs = [parse_optimizer_spec(s) for s in cfg.optimizers]
+  if command == "train":
+    specs = specs[:1]
+  for spec in specs:          # constructor errors before any training
+    build_optimizer(spec, cfg)
+  corpus = data.load_corpus(cfg.data)
+  if len(corpus.train) < cfg.seq_len + 2 or len(corpus.val) < cfg.seq_len + 2:
+    raise data.DataError(
+        f"{cfg.data}: {len(corpus.train):,} training and {len(corpus.val):,} "
+        f"validation bytes are too few for --seq-len {cfg.seq_len}")
+  out = Path(cfg.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=1) + "\n")
+  graphdef, params0 = loop.init_model(cfg)
+  n_params = sum(x.size for x in jax.tree.leaves(params0))
+  base = _baselines(corpus)
+  print(f"data: {corpus.describe()}")
+  print(f"model: GPT preset {cfg.model!r}, {n_params:,} parameters, "
+        f"{cfg.seq_len} bytes per sequence, {cfg.batch_size} sequences per "
+        f"step; device: {jax.devices()[0].device_kind}")
+  print("reference points (validation bits per byte): uniform guess 8.000, "
+        f"unigram entropy {data.unigram_bits(corpus.val):.3f}")
+  results = []
+  t0 = time.time()
+  for spec in specs:
+    run_dir = out if command == "train" else out / spec.slug
+    results.append(loop.train_one(cfg, spec, corpus, graphdef, params0,
+                                  run_dir, desc=f"{spec.label:>16}"))
+  table = report.results_table(results, reference=specs[0].label)
+  uni = data.unigram_bits(corpus.val)
+  print()
+  print(table)
+  print(f"\nLosses are bits per byte ('train' is the mean of the last 20 "
+        f"steps; 'val' is on held-out documents). A uniform guess scores "
+        f"8.000 and the byte unigram entropy is {uni:.3f}.")
+  for r in results:
+    if r.nonfinite_steps:
+      print(f"{r.label}: {r.nonfinite_steps} steps had a non-finite loss")
+  files = report.plot_runs(results, out / f"{command}.png", baselines=base)
+  summary = {"command": " ".join(["cgf-optax", *sys.argv[1:]]),
+             "config": cfg.to_json(), "corpus": corpus.describe(),
+             "n_params": n_params, "device": jax.devices()[0].device_kind,
+             "unigram_bits": uni, "wall_s": time.time() - t0,
+             "results": [r.summary() for r in results]}
+  ref = results[0].final_val
+  for r, s in zip(results, summary["results"], strict=True):
+    s["steps_to_reference_val"] = r.steps_to(ref)
+  (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+  (out / "table.txt").write_text(table + "\n")
+  print(f"wrote {out}/table.txt, results.json, metrics.jsonl and "
+        + ", ".join(str(f.name) for f in files))
+  return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  command, cfg = parse_args(argv)
+  from cgf_optax._validation import HyperparameterTypeError
+  from cgf_optax.train.checkpoint import CheckpointError
+  from cgf_optax.train.data import DataError
+  try:
+    run(command, cfg)
+  except (DataError, CheckpointError, HyperparameterTypeError) as e:
+    print(f"cgf-optax {command}: error: {e}", file=sys.stderr)
+    return 2
+  except ValueError as e:
+    # Constructor validation of an optimizer option (raised before training).
+    if "optimizer" in str(e) or "must" in str(e):
+      print(f"cgf-optax {command}: error: {e}", file=sys.stderr)
+      return 2
+    raise
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

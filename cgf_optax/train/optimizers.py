@@ -1,0 +1,92 @@
+"""Optimizers of a training run, built from :class:`OptimizerSpec`s."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+import cgf_optax
+from cgf_optax.train.config import OptimizerSpec, TrainConfig
+
+__all__ = ["build_optimizer", "uses_context", "decompose_of"]
+
+_CONSTRUCTORS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "adamw": optax.adamw,
+    "muon": optax.contrib.muon,
+    "cgfm": cgf_optax.cgfm,
+    "cgfm_adamw": cgf_optax.cgfm_adamw,
+    "cegm": cgf_optax.cegm,
+    "cegm_adamw": cgf_optax.cegm_adamw,
+}
+# Arguments the run sets itself.
+_RESERVED = {"learning_rate", "mask", "weight_decay_mask"}
+
+
+def uses_context(spec: OptimizerSpec) -> bool:
+  """Whether the optimizer takes the model's context and the loss."""
+  return spec.name in ("cegm", "cegm_adamw")
+
+
+def _decay_mask(params: Any) -> Any:
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def _kwargs(spec: OptimizerSpec) -> dict[str, Any]:
+  fn = _CONSTRUCTORS[spec.name]
+  params = inspect.signature(fn).parameters
+  kwargs = dict(spec.kwargs)
+  kwargs.pop("lr", None)
+  for key in kwargs:
+    if key not in params or key in _RESERVED:
+      allowed = sorted(set(params) - _RESERVED - {"learning_rate"})
+      raise ValueError(f"optimizer {spec.name!r} has no option {key!r}; "
+                       f"options: lr, {', '.join(allowed)}")
+  for key, value in kwargs.items():   # tuples arrive as JSON lists
+    if isinstance(value, list):
+      kwargs[key] = tuple(value)
+  return kwargs
+
+
+def build_optimizer(spec: OptimizerSpec, cfg: TrainConfig
+                    ) -> optax.GradientTransformationExtraArgs:
+  """clip → the optimizer with a warm-up + cosine learning rate.
+
+  ``lr`` in the spec overrides ``cfg.lr``; ``weight_decay`` in the spec
+  overrides ``cfg.weight_decay``. Weight decay applies to matrices only.
+  """
+  kwargs = _kwargs(spec)
+  peak = float(dict(spec.kwargs).get("lr", cfg.lr))
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, peak, max(cfg.warmup, 1) if cfg.warmup else 0,
+      max(cfg.steps, cfg.warmup + 1), end_value=peak * cfg.min_lr_ratio)
+  params = inspect.signature(_CONSTRUCTORS[spec.name]).parameters
+  if "weight_decay" in params:
+    kwargs.setdefault("weight_decay", cfg.weight_decay)
+  if "mask" in params:
+    kwargs["mask"] = _decay_mask
+  elif "weight_decay_mask" in params:
+    kwargs["weight_decay_mask"] = _decay_mask
+  tx = _CONSTRUCTORS[spec.name](schedule, **kwargs)
+  parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
+  return optax.chain(*parts, tx)
+
+
+def decompose_of(spec: OptimizerSpec) -> optax.GradientTransformation | None:
+  """The ``decompose`` step a CGFM optimizer runs, for telemetry.
+
+  Built from the same arguments (the alias's defaults where the spec is
+  silent), so that given the optimizer's :class:`DecomposeState` it returns
+  the same :class:`cgf_optax.Scales` the optimizer saw.
+  """
+  if spec.name not in ("cgfm", "cgfm_adamw"):
+    return None
+  alias = inspect.signature(_CONSTRUCTORS[spec.name]).parameters
+  dec = inspect.signature(cgf_optax.decompose).parameters
+  kwargs = {k: p.default for k, p in alias.items()
+            if k in dec and p.default is not inspect.Parameter.empty}
+  kwargs.update({k: v for k, v in _kwargs(spec).items() if k in dec})
+  return cgf_optax.decompose(**kwargs)
