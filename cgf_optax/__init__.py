@@ -1,14 +1,15 @@
 """cgf_optax: Optax gradient transformations from the CGFM and CEGM papers.
 
 Every step is a small, composable :class:`optax.GradientTransformation`; the
-aliases build the papers' Algorithm 1 chains. :mod:`cgf_optax.nnx` (Flax
-context capture) is imported on first use.
+aliases build the papers' Algorithm 1 chains. :mod:`cgf_optax.flow` is
+CGFM's activation-level gradient flow (a layer for models);
+:mod:`cgf_optax.nnx` (Flax context capture) is imported on first use.
 """
 
 import importlib
 from typing import Any
 
-from cgf_optax import losses
+from cgf_optax import flow, losses
 from cgf_optax._validation import HyperparameterTypeError
 from cgf_optax.aliases import (
     CEGM_STATIC_ARGS,
@@ -61,6 +62,7 @@ __all__ = [
     "context_align",
     "decompose",
     "entangle",
+    "flow",
     "losses",
     "modulate_by_gradient_norm",
     "modulate_step",
