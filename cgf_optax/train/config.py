@@ -21,7 +21,7 @@ class TrainConfig:
 
   # Optimizers.
   optimizers: tuple[str, ...] = _field(
-      ("adamw", "cgfm_adamw", "cegm_adamw"),
+      ("adamw", "cgfm_adamw", "cegm_adamw:adapt_rate=0.1,num_heads=4"),
       "optimizer specs NAME[:key=value,...] (compare runs each; train runs "
       "the first). NAME is adamw, muon, cgfm, cgfm_adamw, cegm or "
       "cegm_adamw; keys are that constructor's keyword arguments (values "
@@ -76,6 +76,8 @@ class TrainConfig:
                                  "steps (0: never); a crash loses at most "
                                  "this many steps")
   keep_checkpoints: int = _field(2, "checkpoints kept per optimizer")
+  stop_after: int = _field(0, "end this invocation after this step (0: run "
+                           "to --steps); continue later with --resume")
   resume: bool = _field(False, "continue from the latest checkpoint in "
                         "--out (an error if there is none)")
   mesh: str = _field("", "device mesh, e.g. data=4,model=2 (empty: one "
@@ -90,7 +92,8 @@ class TrainConfig:
       if not isinstance(v, int) or v < 1:
         raise ValueError(f"--{name.replace('_', '-')} must be a positive "
                          f"integer, got {v!r}")
-    for name in ("checkpoint_every", "telemetry_every", "d_model",
+    for name in ("checkpoint_every", "telemetry_every", "stop_after",
+                 "d_model",
                  "num_layers", "num_heads"):
       v = getattr(self, name)
       if not isinstance(v, int) or v < 0:

@@ -7,9 +7,10 @@ Three sources, none downloaded at run time:
   :func:`importlib.metadata.files` and read as bytes; the package is never
   imported. Validation is a set of *held-out plays*, one per genre folder.
 * ``"python"``: the sources of Python's own standard library (every Python
-  has them); validation is held-out *files*.
+  has them); validation is held-out *files* (every tenth, sorted by path).
 * a path: a text file (split by position: the last 10% is validation) or a
-  folder of text files (split by file). Binary files are refused.
+  folder of text files (every tenth file held out, at least one). Files
+  containing NUL bytes are refused as binary.
 
 Tokens are bytes (vocabulary 256). Batch ``i`` of a run is drawn from a
 NumPy generator seeded with ``(seed, i)``, so batches depend only on the
@@ -118,6 +119,20 @@ def _load_shakespeare(genres: tuple[str, ...] | None,
                 _join([read[k] for k in val]), tuple(train), tuple(val))
 
 
+def _split_docs(docs: list[tuple[str, bytes]]
+                ) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+  """Every tenth document (at least one) is held out for validation."""
+  val_idx = {i for i in range(len(docs)) if i % 10 == 9} or {len(docs) - 1}
+  return ([d for i, d in enumerate(docs) if i not in val_idx],
+          [d for i, d in enumerate(docs) if i in val_idx])
+
+
+def _corpus_of(name: str, docs: list[tuple[str, bytes]]) -> Corpus:
+  train, val = _split_docs(docs)
+  return Corpus(name, _join([c for _, c in train]), _join([c for _, c in val]),
+                tuple(n for n, _ in train), tuple(n for n, _ in val))
+
+
 def _load_python(max_bytes: int | None) -> Corpus:
   root = Path(sysconfig.get_paths()["stdlib"])
   files = sorted(p for p in root.rglob("*.py")
@@ -125,17 +140,13 @@ def _load_python(max_bytes: int | None) -> Corpus:
                  & set(p.relative_to(root).parts))
   if not files:
     raise DataError(f"no Python sources found under {root}")
-  chunks, names, total = [], [], 0
+  docs, total = [], 0
   for f in files:
-    chunks.append(f.read_bytes())
-    names.append(str(f.relative_to(root)))
-    total += len(chunks[-1])
+    docs.append((str(f.relative_to(root)), f.read_bytes()))
+    total += len(docs[-1][1])
     if max_bytes is not None and total >= max_bytes:
       break
-  n_val = max(1, len(chunks) // 10)
-  return Corpus("python standard library", _join(chunks[:-n_val]),
-                _join(chunks[-n_val:]), tuple(names[:-n_val]),
-                tuple(names[-n_val:]))
+  return _corpus_of("python standard library", docs)
 
 
 def _read_text_file(path: Path) -> bytes:
@@ -173,11 +184,7 @@ def _load_path(path: Path) -> Corpus:
   if len(chunks) < 2:
     raise DataError(f"data folder {path} needs at least 2 non-empty text "
                     "files (training and held-out validation)")
-  n_val = max(1, len(chunks) // 10)
-  train, val = chunks[:-n_val], chunks[-n_val:]
-  return Corpus(str(path), _join([c for _, c in train]),
-                _join([c for _, c in val]), tuple(n for n, _ in train),
-                tuple(n for n, _ in val))
+  return _corpus_of(str(path), chunks)
 
 
 def load_corpus(source: str = "shakespeare", *,

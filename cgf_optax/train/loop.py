@@ -46,6 +46,7 @@ class RunResult:
   state_bytes: int
   nonfinite_steps: int
   diverged: bool
+  params: Any = dataclasses.field(default=None, repr=False)
 
   def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
     """``(steps, values)`` of the records that have ``key``."""
@@ -185,7 +186,7 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
     (loss, ctx), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, x, y)
     extra = {"context": ctx, "value": loss} if with_ctx else {}
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     if telemetry and dec is not None:
       metrics.update(_scale_norms(dec, grads, opt_state))
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
@@ -203,7 +204,7 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(opt_state))
 
   ckpt = None
-  if cfg.checkpoint_every or cfg.resume:
+  if cfg.checkpoint_every or cfg.resume or cfg.stop_after:
     ckpt = RunCheckpointer(run_dir / "checkpoints", cfg.checkpoint_every,
                            cfg.keep_checkpoints)
   expect = {"optimizer": spec.label, "model": dataclasses.asdict(
@@ -232,7 +233,8 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
 
   bad_run = 0
   diverged = False
-  bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps,
+  last = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
+  bar = tqdm(range(start + 1, last + 1), initial=start, total=cfg.steps,
              desc=desc or spec.label, disable=not cfg.progress,
              dynamic_ncols=True, leave=True)
   ema = ema_w = 0.0
@@ -280,7 +282,7 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
                   {**expect, "step": i, "train_time": train_time,
                    "timed_tokens": tokens, "timed_s": timed_s,
                    "nonfinite_steps": nonfinite},
-                  force=(i == cfg.steps))
+                  force=(i == last))
       if bad_run >= _DIVERGED_AFTER:
         diverged = True
         bar.write(f"{spec.label}: {bad_run} non-finite losses in a row; "
@@ -290,4 +292,4 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
   if ckpt is not None:
     ckpt.close()
   return RunResult(spec.label, records, tokens / max(timed_s, 1e-9),
-                   state_bytes, nonfinite, diverged)
+                   state_bytes, nonfinite, diverged, params)

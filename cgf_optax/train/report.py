@@ -54,17 +54,18 @@ def plot_runs(results: Sequence[RunResult], path: Path,
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  color = {r.label: f"C{i % 10}" for i, r in enumerate(results)}
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
   for r in results:
     s, v = r.series("bits")
     ok = np.isfinite(v)
     _, t = r.series("time")
     axes[0].plot(s[ok][9:] if ok.sum() >= 10 else s[ok], _smooth(v[ok]),
-                 label=r.label, lw=1.2)
+                 label=r.label, lw=1.2, color=color[r.label])
     vs, vv = r.series("val_bits")
-    line, = axes[1].plot(vs, vv, marker="o", ms=3, label=r.label)
+    axes[1].plot(vs, vv, marker="o", ms=3, label=r.label, color=color[r.label])
     tt = np.interp(vs, s, t) if len(s) else vs
-    axes[2].plot(tt, vv, marker="o", ms=3, color=line.get_color(),
+    axes[2].plot(tt, vv, marker="o", ms=3, color=color[r.label],
                  label=r.label)
   titles = ["training loss (10-step mean)", "validation loss (held-out text)",
             "validation loss against training time"]
@@ -95,7 +96,7 @@ def plot_runs(results: Sequence[RunResult], path: Path,
       for r in results:
         s, v = _series(r, key)
         if len(s):
-          ax.plot(s, v, label=r.label, lw=1)
+          ax.plot(s, v, label=r.label, lw=1, color=color[r.label])
       ax.set_title({"grad_norm": "gradient norm (before clipping)",
                     "modulation_factor": "CGFM modulation factor",
                     "entangle_lambda": "CEGM entanglement λ",
@@ -105,7 +106,8 @@ def plot_runs(results: Sequence[RunResult], path: Path,
       ax.grid(alpha=0.3)
       if key == "grad_norm":
         ax.set_yscale("log")
-    axes[0][0].legend(fontsize=7)
+    for ax in axes[0]:
+      ax.legend(fontsize=7)
     fig.tight_layout()
     tpath = path.with_name(path.stem + "-telemetry" + path.suffix)
     fig.savefig(tpath, dpi=110)
