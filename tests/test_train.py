@@ -13,12 +13,12 @@ from cgf_optax.train import TrainConfig, cli, data, loop, parse_optimizer_spec
 # A model and run small enough for a few seconds on a CPU.
 TINY = ["--d-model", "32", "--num-layers", "1", "--num-heads", "2",
         "--seq-len", "32", "--batch-size", "4", "--eval-batches", "2",
-        "--telemetry-every", "2", "--no-progress"]
+        "--telemetry-every", "0", "--no-progress"]
 
 
 def _cfg(tmp_path, **kw):
   base = dict(d_model=32, num_layers=1, num_heads=2, seq_len=32, batch_size=4,
-              eval_batches=2, eval_every=3, telemetry_every=2, steps=6,
+              eval_batches=1, eval_every=3, telemetry_every=0, steps=6,
               checkpoint_every=3, progress=False, out=str(tmp_path))
   return TrainConfig(**{**base, **kw})
 
@@ -104,7 +104,7 @@ def test_optimizer_spec_parsing():
 
 
 def test_compare_runs_every_optimizer_from_the_same_start(tmp_path, corpus):
-  cfg = _cfg(tmp_path)
+  cfg = _cfg(tmp_path, telemetry_every=2)
   graphdef, params0 = loop.init_model(cfg)
   flat0 = [np.asarray(x).copy() for x in jax.tree.leaves(params0)]
   results = {}
@@ -190,6 +190,7 @@ def test_resume_drops_log_lines_past_the_checkpoint(tmp_path, corpus):
 def test_cli_compare_writes_table_plots_and_metrics(tmp_path, capsys):
   out = tmp_path / "run"
   rc = cli.main(["compare", *TINY, "--steps", "4", "--eval-every", "2",
+                 "--telemetry-every", "2",
                  "--optimizers", "adamw", "cgfm_adamw", "cegm_adamw",
                  "--out", str(out)])
   assert rc == 0
@@ -267,3 +268,43 @@ def test_console_script_help():
   r = subprocess.run([sys.executable, "-m", "cgf_optax.train.cli", "compare",
                       "--help"], capture_output=True, text=True, check=True)
   assert "--optimizers" in r.stdout and "--resume" in r.stdout
+
+
+# ----------------------------------------------------------------------------
+# Activation-level gradient flow in the training loop
+
+
+def test_flow_with_unit_lambdas_is_bit_identical(tmp_path, corpus):
+  spec = parse_optimizer_spec("adamw")
+  base = _cfg(tmp_path / "a", num_layers=2, checkpoint_every=0, steps=3)
+  graphdef, params0 = loop.init_model(base)
+  plain = loop.train_one(base, spec, corpus, graphdef, params0,
+                         tmp_path / "a")
+  unit = _cfg(tmp_path / "b", num_layers=2, checkpoint_every=0, steps=3,
+              flow="causal", telemetry_every=1)
+  with_flow = loop.train_one(unit, spec, corpus, graphdef, params0,
+                             tmp_path / "b")
+  np.testing.assert_array_equal(plain.series("loss")[1],
+                                with_flow.series("loss")[1])
+  for a, b in zip(_final_params(plain), _final_params(with_flow),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+  # Telemetry per block; at λ = 1 the parts recombine to the cotangent, so
+  # no step changes, yet both parts are measured and non-zero.
+  for i in range(2):
+    _, loc = with_flow.series(f"flow_local/{i}")
+    _, glo = with_flow.series(f"flow_global/{i}")
+    assert len(loc) == 3 and np.all(loc > 0) and np.all(glo > 0)
+
+
+def test_flow_lambdas_change_training(tmp_path, corpus):
+  spec = parse_optimizer_spec("adamw")
+  base = _cfg(tmp_path / "a", checkpoint_every=0, steps=2)
+  graphdef, params0 = loop.init_model(base)
+  plain = loop.train_one(base, spec, corpus, graphdef, params0, tmp_path / "a")
+  damped = _cfg(tmp_path / "b", checkpoint_every=0, steps=2, flow="mean",
+                flow_global=0.0)
+  r = loop.train_one(damped, spec, corpus, graphdef, params0, tmp_path / "b")
+  l0, l1 = plain.series("loss")[1], r.series("loss")[1]
+  assert l0[0] == l1[0]          # same start: the forward pass is unchanged
+  assert l0[1] != l1[1]          # different gradients, different second step

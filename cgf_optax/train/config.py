@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 __all__ = ["TrainConfig", "OptimizerSpec", "parse_optimizer_spec",
@@ -49,6 +50,20 @@ class TrainConfig:
                       choices=("float32", "bfloat16"))
   remat: bool = _field(False, "recompute block activations in backward")
   init_seed: int = _field(0, "seed of the parameter initialisation")
+
+  # Activation-level gradient flow (cgf_optax.flow), after every block.
+  flow: str = _field("off", "reweight the local/global parts of each block's "
+                     "output cotangent: off, mean, causal or window",
+                     choices=("off", "mean", "causal", "window"))
+  flow_window: int = _field(0, "window (positions) of the causal/window "
+                            "low-pass; 0: causal = to the end of the sequence")
+  flow_local: float = _field(1.0, "λ_local of the first block")
+  flow_global: float = _field(1.0, "λ_global of the first block")
+  flow_local_last: float = _field(-1.0, "λ_local of the last block, "
+                                  "linear in depth between (-1: same as "
+                                  "--flow-local)")
+  flow_global_last: float = _field(-1.0, "λ_global of the last block "
+                                   "(-1: same as --flow-global)")
 
   # Data.
   data: str = _field("shakespeare", "corpus: shakespeare (the plays in the "
@@ -99,6 +114,20 @@ class TrainConfig:
       if not isinstance(v, int) or v < 0:
         raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got "
                          f"{v!r}")
+    if self.flow == "window" and self.flow_window < 1:
+      raise ValueError("--flow window needs --flow-window >= 1")
+    if self.flow_window < 0:
+      raise ValueError(f"--flow-window must be >= 0, got {self.flow_window}")
+    for name in ("flow_local", "flow_global"):
+      v = getattr(self, name)
+      if not math.isfinite(v) or v < 0:
+        raise ValueError(f"--{name.replace('_', '-')} must be a finite "
+                         f"number >= 0, got {v!r}")
+    for name in ("flow_local_last", "flow_global_last"):
+      v = getattr(self, name)
+      if not math.isfinite(v) or (v < 0 and v != -1):
+        raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (or -1: "
+                         f"same as the first block), got {v!r}")
     if self.warmup_steps < -1:
       raise ValueError("--warmup-steps must be >= 0 (or -1 for 10% of "
                        f"--steps), got {self.warmup_steps}")
@@ -117,6 +146,16 @@ class TrainConfig:
       raise ValueError(f"--optimizers lists the same optimizer twice: "
                        f"{labels}")
     parse_mesh(self.mesh)
+
+  @property
+  def flow_lambdas(self) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(λ_local, λ_global) of the first and of the last block."""
+    first = (self.flow_local, self.flow_global)
+    last = (self.flow_local if self.flow_local_last < 0
+            else self.flow_local_last,
+            self.flow_global if self.flow_global_last < 0
+            else self.flow_global_last)
+    return first, last
 
   @property
   def warmup(self) -> int:

@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 import cgf_optax
+from cgf_optax import flow
 from cgf_optax.nnx import capture_context
 from cgf_optax.train.checkpoint import CheckpointError, RunCheckpointer
 from cgf_optax.train.config import OptimizerSpec, TrainConfig
@@ -131,6 +132,26 @@ def _scale_norms(dec: optax.GradientTransformation, grads: Any,
   return {f"scale_norm/{k.rstrip('_')}": jnp.sqrt(v) for k, v in sq.items()}
 
 
+def _flow_hook(cfg: TrainConfig, num_layers: int):
+  """``probes -> hidden_hook`` applying :func:`cgf_optax.flow.gradient_flow`
+  after every block, or ``None`` when ``cfg.flow`` is off."""
+  if cfg.flow == "off":
+    return None
+  first, last = cfg.flow_lambdas
+  sched = flow.depth_schedule(num_layers, first, last, kind="linear")
+  lam_l = [float(v) for v in np.asarray(sched.local)]    # static numbers:
+  lam_g = [float(v) for v in np.asarray(sched.global_)]  # λ = 1 is exact
+  window = cfg.flow_window or None
+
+  def make(probes):
+    def hook(i, h):
+      return flow.gradient_flow(h, lam_l[i], lam_g[i], mode=cfg.flow,
+                                window=window,
+                                probe=None if probes is None else probes[i])
+    return hook
+  return make
+
+
 def _read_records(path: Path, upto: int) -> list[dict[str, Any]]:
   """Records of ``metrics.jsonl`` with step ≤ ``upto`` (drops a torn line)."""
   if not path.exists():
@@ -171,31 +192,42 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
       max(cfg.steps, cfg.warmup + 1),
       end_value=float(dict(spec.kwargs).get("lr", cfg.lr)) * cfg.min_lr_ratio)
 
-  def loss_fn(params, x, y):
+  num_layers = model_config(cfg).num_layers
+  hook = _flow_hook(cfg, num_layers)
+
+  def loss_fn(params, probes, x, y):
     model = nnx.merge(graphdef, params)
+    kw = {} if hook is None else {"hidden_hook": hook(probes)}
     if with_ctx:
       with capture_context(model) as ctx:
-        logits = model(x)
+        logits = model(x, **kw)
       ctx = dict(ctx)
     else:
-      logits, ctx = model(x), None
+      logits, ctx = model(x, **kw), None
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, ctx
 
   def step(params, opt_state, x, y, telemetry: bool):
-    (loss, ctx), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, x, y)
+    probes = (flow.init_probes(num_layers)
+              if telemetry and hook is not None else None)
+    (loss, ctx), (grads, probe_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(params, probes, x, y)
     extra = {"context": ctx, "value": loss} if with_ctx else {}
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     if telemetry and dec is not None:
       metrics.update(_scale_norms(dec, grads, opt_state))
+    if probe_grads is not None:
+      tel = flow.read_probes(probe_grads)
+      for i in range(num_layers):
+        metrics[f"flow_local/{i}"] = tel.local_norm[i]
+        metrics[f"flow_global/{i}"] = tel.global_norm[i]
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
     metrics.update(_scalar_telemetry(opt_state))
     return params, opt_state, metrics
 
   train_step = jax.jit(step, static_argnames="telemetry", donate_argnums=(0, 1))
-  eval_loss = jax.jit(lambda p, x, y: loss_fn(p, x, y)[0])
+  eval_loss = jax.jit(lambda p, x, y: loss_fn(p, None, x, y)[0])
   val_batches = [batch_at(corpus.val, i, 2 * cfg.batch_size, cfg.seq_len,
                           _VAL_SEED) for i in range(cfg.eval_batches)]
 
@@ -209,7 +241,9 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
                            cfg.keep_checkpoints)
   expect = {"optimizer": spec.label, "model": dataclasses.asdict(
       model_config(cfg)), "data_seed": cfg.data_seed, "data": cfg.data,
-            "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
+            "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+            "flow": [cfg.flow, cfg.flow_window,
+                     [list(p) for p in cfg.flow_lambdas]]}
   metrics_path = run_dir / "metrics.jsonl"
   start, train_time, tokens, timed_s = 0, 0.0, 0, 0.0
   nonfinite = 0
@@ -242,7 +276,8 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
     for i in bar:
       x, y = batch_at(corpus.train, i - 1, cfg.batch_size, cfg.seq_len,
                       cfg.data_seed)
-      telemetry = bool(dec is not None and cfg.telemetry_every
+      telemetry = bool((dec is not None or hook is not None)
+                       and cfg.telemetry_every
                        and i % cfg.telemetry_every == 0)
       t0 = time.perf_counter()
       params, opt_state, m = train_step(params, opt_state, x, y,

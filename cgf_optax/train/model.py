@@ -46,6 +46,10 @@ class GPTConfig:
       FSDP, ``"model"`` for tensor parallelism, Megatron layout). Flax then
       shards the variables at creation, so build the model under
       ``jax.set_mesh(mesh)`` with a mesh that has those axes.
+    attention_impl: the ``implementation`` argument of
+      :func:`jax.nn.dot_product_attention`: ``None`` (let JAX choose; works
+      on every backend), ``"xla"`` or ``"cudnn"`` (fused flash attention on
+      NVIDIA GPUs, bfloat16/float16 compute only).
   """
 
   vocab_size: int = 256
@@ -61,6 +65,7 @@ class GPTConfig:
   remat: bool = False
   init_std: float = 0.02
   partitioned: bool = False
+  attention_impl: str | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads",
@@ -83,6 +88,9 @@ class GPTConfig:
       if getattr(self, name) not in ("float32", "bfloat16"):
         raise ValueError(f"GPTConfig.{name} must be 'float32' or 'bfloat16', "
                          f"got {getattr(self, name)!r}")
+    if self.attention_impl not in (None, "xla", "cudnn"):
+      raise ValueError("GPTConfig.attention_impl must be None, 'xla' or "
+                       f"'cudnn', got {self.attention_impl!r}")
 
   @property
   def head_dim(self) -> int:
@@ -164,6 +172,7 @@ class Block(nnx.Module):
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
               rngs=rngs)
     self.num_heads = cfg.num_heads
+    self.attention_impl = cfg.attention_impl
     self.norm1 = _norm(cfg, rngs)
     # Megatron-style tensor parallelism: column-parallel qkv/up, row-parallel
     # out/down; the other axis is where FSDP shards.
@@ -187,7 +196,8 @@ class Block(nnx.Module):
     positions = jnp.arange(t)
     q = _rope(qkv[:, :, 0], positions)
     k = _rope(qkv[:, :, 1], positions)
-    a = jax.nn.dot_product_attention(q, k, qkv[:, :, 2], is_causal=True)
+    a = jax.nn.dot_product_attention(q, k, qkv[:, :, 2], is_causal=True,
+                                     implementation=self.attention_impl)
     x = x + self.out(a.reshape(b, t, d))
     return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
 

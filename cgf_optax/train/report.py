@@ -113,7 +113,41 @@ def plot_runs(results: Sequence[RunResult], path: Path,
     fig.savefig(tpath, dpi=110)
     plt.close(fig)
     files.append(tpath)
+  flow_runs = [r for r in results if len(r.series("flow_local/0")[0])]
+  if flow_runs:
+    files.append(_plot_flow(flow_runs, path.with_name(
+        path.stem + "-flow" + path.suffix), plt))
   return files
+
+
+def _plot_flow(results: Sequence[RunResult], path: Path, plt) -> Path:
+  """Per-layer heat maps over steps of the activation cotangent's parts."""
+  from matplotlib.colors import LogNorm
+  fig, axes = plt.subplots(len(results), 2, figsize=(12, 2.6 * len(results)),
+                           squeeze=False)
+  for row, r in zip(axes, results, strict=True):
+    layers = sorted(int(k.split("/")[1]) for k in r.records[-1]
+                    if k.startswith("flow_local/"))
+    if not layers:   # last record may lack telemetry: search back
+      layers = sorted({int(k.split("/")[1]) for rec in r.records for k in rec
+                       if k.startswith("flow_local/")})
+    for ax, part in zip(row, ("local", "global"), strict=True):
+      steps = r.series(f"flow_{part}/0")[0]
+      grid = np.stack([r.series(f"flow_{part}/{i}")[1] for i in layers])
+      grid = np.where(grid > 0, grid, np.nan)
+      im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis",
+                     norm=LogNorm(), interpolation="nearest",
+                     extent=(steps[0], steps[-1], -0.5, len(layers) - 0.5))
+      fig.colorbar(im, ax=ax)
+      ax.set_title(f"{r.label}: ‖{part} part‖ of each block's output "
+                   "cotangent", fontsize=9)
+      ax.set_xlabel("step")
+      ax.set_ylabel("block")
+      ax.set_yticks(range(len(layers)))
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
 
 
 def _series(r: RunResult, key: str) -> tuple[np.ndarray, np.ndarray]:
