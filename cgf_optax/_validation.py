@@ -35,11 +35,18 @@ def is_traced(value: Any) -> bool:
   return isinstance(value, jax.core.Tracer)
 
 
+# Step counts are int32 in the states: a period or iteration count beyond it
+# would overflow when compared with them.
+INT32_MAX = int(np.iinfo(np.int32).max)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def static_int(
     name: str,
     value: Any,
     *,
     minimum: int | None = None,
+    maximum: int | None = None,
     static_names: Iterable[str] = (),
 ) -> int:
   """Returns `value` as a Python int, or raises an error naming `name`."""
@@ -70,6 +77,8 @@ def static_int(
     )
   if minimum is not None and value < minimum:
     raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+  if maximum is not None and value > maximum:
+    raise ValueError(f"`{name}` must be <= {maximum}, got {value}.")
   return value
 
 
@@ -107,6 +116,11 @@ def number(
   v = float(value)
   if not np.isfinite(v):
     raise ValueError(f"`{name}` must be finite, got {v}.")
+  if abs(v) > _FLOAT32_MAX:
+    # The transforms compute in float32, where it would be inf.
+    raise ValueError(
+        f"`{name}` must be finite in float32 (|x| <= {_FLOAT32_MAX:.4g}), "
+        f"got {v}.")
   if minimum is not None:
     if strict_minimum and not v > minimum:
       raise ValueError(f"`{name}` must be > {minimum}, got {v}.")
@@ -132,3 +146,77 @@ def choice(name: str, value: Any, options: Iterable[str]) -> str:
         f"got {value!r}."
     )
   return value
+
+
+def boolean(name: str, value: Any) -> bool:
+  """Checks a Python (or NumPy) bool flag."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise HyperparameterTypeError(
+        f"`{name}` must be a bool, got {type(value).__name__} {value!r}.")
+  return bool(value)
+
+
+def float_dtype(name: str, value: Any) -> Any:
+  """A floating-point dtype (``None`` is for the caller to allow first)."""
+  try:
+    dtype = jax.numpy.dtype(value)
+  except (TypeError, ValueError) as e:
+    raise HyperparameterTypeError(
+        f"`{name}` must be a floating-point dtype, got {value!r} ({e})."
+    ) from None
+  if value is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+    raise HyperparameterTypeError(
+        f"`{name}` must be a floating-point dtype (e.g. jnp.float32, "
+        f"jnp.bfloat16), got {value!r}.")
+  return dtype
+
+
+def transformation(name: str, value: Any) -> Any:
+  """An `optax.GradientTransformation` (anything with `init` and `update`)."""
+  if not (callable(getattr(value, "init", None))
+          and callable(getattr(value, "update", None))):
+    raise HyperparameterTypeError(
+        f"`{name}` must be an optax.GradientTransformation (with `init` and "
+        f"`update`), got {type(value).__name__} {value!r}.")
+  return value
+
+
+def mask(name: str, value: Any) -> Any:
+  """An Optax weight-decay mask: ``None``, a callable or a tree of bools."""
+  if value is None or callable(value):
+    return value
+  for leaf in jax.tree.leaves(value):
+    if not (isinstance(leaf, (bool, np.bool_))
+            or (isinstance(leaf, (np.ndarray, jax.Array))
+                and leaf.dtype == np.bool_)):
+      raise HyperparameterTypeError(
+          f"`{name}` must be None, a callable params -> tree of bools, or a "
+          f"tree of bools shaped like the params; it holds "
+          f"{type(leaf).__name__} {leaf!r}.")
+  return value
+
+
+def real_float_leaves(transform: str, tree: Any, what: str = "params") -> None:
+  """Raises, naming the leaf, unless every leaf is a real floating array.
+
+  The transforms compute norms, projections and EMAs of real numbers:
+  complex leaves would lose their imaginary part and integer leaves be
+  truncated, silently. (Trace-time check of dtypes only: free under jit.)
+  """
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  for path, leaf in flat:
+    dtype = getattr(leaf, "dtype", None)
+    where = jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
+    if dtype is None or not hasattr(leaf, "shape"):
+      raise TypeError(
+          f"cgf_optax.{transform}: the {what} leaf '{where}' is a "
+          f"{type(leaf).__name__}, not an array; use jnp.asarray(...).")
+    if jax.numpy.issubdtype(dtype, jax.numpy.complexfloating):
+      raise TypeError(
+          f"cgf_optax.{transform} does not support complex {what}: leaf "
+          f"'{where}' has dtype {dtype}. Optimise the real and imaginary "
+          "parts as separate real leaves.")
+    if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+      raise TypeError(
+          f"cgf_optax.{transform} needs floating-point {what}: leaf "
+          f"'{where}' has dtype {dtype}.")

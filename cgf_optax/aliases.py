@@ -49,6 +49,22 @@ def _zero_nonfinite(
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
+def _adam(b1: Any, b2: Any, eps: Any, mu_dtype: Any
+          ) -> optax.GradientTransformation:
+  """`optax.scale_by_adam`, its arguments checked (Optax does not check)."""
+  # b1 = 1 or b2 = 1 zero Adam's bias corrections (0/0); eps = 0 divides an
+  # entry whose gradient has always been 0 by 0: NaN steps from finite input.
+  v.number("b1", b1, minimum=0.0, maximum=1.0)
+  v.number("b2", b2, minimum=0.0, maximum=1.0)
+  for name, x in (("b1", b1), ("b2", b2)):
+    if not v.is_traced(x) and float(x) >= 1.0:
+      raise ValueError(f"`{name}` must be < 1, got {float(x)}.")
+  v.number("eps", eps, minimum=0.0, strict_minimum=True)
+  if mu_dtype is not None:
+    mu_dtype = v.float_dtype("mu_dtype", mu_dtype)
+  return optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+
+
 def cgfm(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -130,6 +146,7 @@ def cgfm(
   v.number_or_schedule("learning_rate", learning_rate)
   if momentum is not None:
     v.number("momentum", momentum, minimum=0.0, maximum=1.0)
+  nesterov = v.boolean("nesterov", nesterov)
   return optax.chain(
       decompose(strategy, num_scales, rank, refresh_every,
                 intermediate_rank=intermediate_rank, power_iters=power_iters,
@@ -191,9 +208,9 @@ def cgfm_adamw(
 
   Args:
     learning_rate: a number or an :class:`optax.Schedule`.
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: Adam's epsilon.
+    b1: Adam's first-moment decay, in [0, 1).
+    b2: Adam's second-moment decay, in [0, 1).
+    eps: Adam's epsilon (> 0).
     weight_decay: decoupled weight decay.
     strategy: see :func:`cgf_optax.decompose`.
     num_scales: see :func:`cgf_optax.decompose`.
@@ -228,13 +245,16 @@ def cgfm_adamw(
   """
   v.number_or_schedule("learning_rate", learning_rate)
   v.number("weight_decay", weight_decay, minimum=0.0)
-  adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+  modulate = v.boolean("modulate", modulate)
+  v.mask("mask", mask)
+  adam = _adam(b1, b2, eps, mu_dtype)
   return optax.chain(
       decompose(strategy, num_scales, rank, refresh_every,
                 intermediate_rank=intermediate_rank, power_iters=power_iters,
                 stagger=stagger, overrides=overrides, seed=seed),
       scale_by_scales(local=local, intermediate=intermediate, global_=global_),
-      modulate_step(adam, reference, max_factor, scope) if modulate else adam,
+      (modulate_step(adam, reference, max_factor, scope) if modulate
+       else _zero_nonfinite(adam)),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -303,6 +323,7 @@ def cegm(
     CEGM, Algorithm 1 (``../shared/seeds``).
   """
   v.number_or_schedule("learning_rate", learning_rate)
+  v.choice("normalize_scope", normalize_scope, ("leaf", "global"))
   return optax.chain(
       entangle(lam, adapt_rate, lam_bounds, state_dtype=state_dtype),
       context_align(num_heads, gamma, rho, require_context=require_context),
@@ -338,13 +359,15 @@ def cegm_adamw(
   context-aligned, entangled gradient; per-leaf normalisation makes every
   step's gradient the same size before Adam's moments average it, so Adam's
   second moment tracks the *direction*'s spread rather than the gradient
-  scale. ``normalize_scope=None`` drops the normalisation.
+  scale. ``normalize_scope=None`` drops the normalisation. On a step whose
+  gradient is not finite, Adam is fed zeros (its moments stay finite) and the
+  step returned is NaN, as in :func:`cgfm_adamw`.
 
   Args:
     learning_rate: a number or an :class:`optax.Schedule`.
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: Adam's epsilon.
+    b1: Adam's first-moment decay, in [0, 1).
+    b2: Adam's second-moment decay, in [0, 1).
+    eps: Adam's epsilon (> 0).
     weight_decay: decoupled weight decay.
     lam: see :func:`cgf_optax.entangle`.
     adapt_rate: see :func:`cgf_optax.entangle`.
@@ -373,12 +396,19 @@ def cegm_adamw(
   """
   v.number_or_schedule("learning_rate", learning_rate)
   v.number("weight_decay", weight_decay, minimum=0.0)
+  if normalize_scope is not None:
+    v.choice("normalize_scope", normalize_scope, ("leaf", "global"))
+  v.number("normalize_eps", normalize_eps, minimum=0.0)
+  v.mask("mask", mask)
+  adam = _adam(b1, b2, eps, mu_dtype)
   return optax.chain(
       entangle(lam, adapt_rate, lam_bounds, state_dtype=state_dtype),
       context_align(num_heads, gamma, rho, require_context=require_context),
       (normalize(normalize_scope, normalize_eps) if normalize_scope is not None
        else optax.identity()),
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+      # Zeros into Adam on a non-finite step, as in cgfm_adamw (the moments
+      # stay finite; the step returned is NaN).
+      _zero_nonfinite(adam),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

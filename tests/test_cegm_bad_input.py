@@ -178,7 +178,7 @@ def test_normalize_bad_hyperparameters(kwargs, name):
 ALIAS_ONLY = [
     (dict(learning_rate="0.1"), "learning_rate"),
     (dict(learning_rate=None), "learning_rate"),
-    (dict(normalize_scope="layer"), "scope"),
+    (dict(normalize_scope="layer"), "normalize_scope"),
 ]
 
 

@@ -72,7 +72,9 @@ def context_align(
 
   on the kernel's input axis (axis 0; other axes are flattened). With
   :math:`\gamma = 0` this is the identity. Leaves without a context pass
-  through unchanged (their state too).
+  through unchanged (their state too). A non-finite gradient passes through
+  to the output; a pooled context that is not finite is not folded into the
+  EMA (a finite one is, whatever the gradient).
 
   Args:
     num_heads: :math:`H`, must divide the fan-in of every kernel given a
@@ -113,6 +115,7 @@ def context_align(
   if not v.is_traced(rho) and float(rho) >= 1.0:
     raise ValueError(f"`rho` must be < 1, got {float(rho)}.")
   eps = v.number("eps", eps, minimum=0.0)
+  require_context = v.boolean("require_context", require_context)
 
   def heads_of(leaf: Any) -> int | None:
     if leaf.ndim < 2 or leaf.shape[0] % num_heads or leaf.shape[0] == 0:
@@ -123,6 +126,7 @@ def context_align(
     if is_placeholder(params):  # optax.tree.map_params: nothing params-shaped
       return ContextAlignState(count=jnp.zeros([], jnp.int32),
                                context=not_params(), steps=not_params())
+    v.real_float_leaves("context_align", params)
 
     def ctx(leaf):
       d = heads_of(leaf)
@@ -137,6 +141,7 @@ def context_align(
 
   def update_fn(updates, state, params=None, *, context=None, **extra_args):
     del params, extra_args
+    v.real_float_leaves("context_align", updates, "updates")
     if context is None:
       if require_context:
         raise ValueError(

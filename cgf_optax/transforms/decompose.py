@@ -186,10 +186,13 @@ def decompose(
   ``rank`` serves trees with matrices of many sizes.
 
   Non-finite gradients: the parts of a leaf with NaN/Inf carry them through
-  (so :func:`optax.apply_if_finite` and the caller see them), but they never
-  enter the state: a refresh with a non-finite or all-zero gradient keeps the
-  previous basis, and EMA entries whose gradient entry is not finite keep
-  their value.
+  (so the caller sees them), but they never enter the state: a refresh with a
+  non-finite or all-zero gradient keeps the previous basis, and EMA entries
+  whose gradient entry is not finite (or would overflow ``ema_dtype``) keep
+  their value. The step count still advances, as Optax's counters do: a bad
+  step that falls on a refresh skips it (the basis waits for the next one,
+  as with a zero gradient), and the EMAs' bias correction counts it. Wrap the
+  optimizer in :func:`optax.apply_if_finite` to skip such steps entirely.
 
   Args:
     strategy: ``"lowrank"``, ``"temporal"`` or ``"mean"``: the default for
@@ -245,15 +248,19 @@ def decompose(
   if num_scales not in (2, 3):
     raise ValueError(f"`num_scales` must be 2 or 3, got {num_scales}.")
   rank = v.static_int("rank", rank, minimum=1, **statics)
-  refresh_every = v.static_int("refresh_every", refresh_every, minimum=1, **statics)
+  refresh_every = v.static_int("refresh_every", refresh_every, minimum=1,
+                               maximum=v.INT32_MAX, **statics)
   if intermediate_rank is None:
     intermediate_rank = rank
   intermediate_rank = v.static_int(
       "intermediate_rank", intermediate_rank, minimum=1, **statics)
-  power_iters = v.static_int("power_iters", power_iters, minimum=1, **statics)
+  power_iters = v.static_int("power_iters", power_iters, minimum=1,
+                             maximum=v.INT32_MAX, **statics)
   init_power_iters = v.static_int(
-      "init_power_iters", init_power_iters, minimum=1, **statics)
-  seed = v.static_int("seed", seed, **statics)
+      "init_power_iters", init_power_iters, minimum=1, maximum=v.INT32_MAX,
+      **statics)
+  seed = v.static_int("seed", seed, minimum=-2**63, maximum=2**63 - 1,
+                      **statics)
   fast_decay = v.number("fast_decay", fast_decay, minimum=0.0, maximum=1.0)
   slow_decay = v.number("slow_decay", slow_decay, minimum=0.0, maximum=1.0)
   if (not v.is_traced(fast_decay) and not v.is_traced(slow_decay)
@@ -276,9 +283,16 @@ def decompose(
         "`overrides` must be a mapping {path regex: rule} or a callable "
         f"(path, leaf) -> rule, got {type(overrides).__name__}.")
   if isinstance(overrides, Mapping):
-    patterns = [(re.compile(k), val) for k, val in overrides.items()]
-  basis_dtype = jnp.dtype(basis_dtype)
-  ema_dtype = None if ema_dtype is None else jnp.dtype(ema_dtype)
+    patterns = []
+    for k, val in overrides.items():
+      try:
+        patterns.append((re.compile(k), val))
+      except (TypeError, re.error) as e:
+        raise ValueError(
+            f"`overrides` has key {k!r}, which is not a regular expression "
+            f"of leaf paths ({e}).") from None
+  basis_dtype = v.float_dtype("basis_dtype", basis_dtype)
+  ema_dtype = None if ema_dtype is None else v.float_dtype("ema_dtype", ema_dtype)
 
   def lookup(path: str, leaf: Any) -> LeafRule:
     if overrides is None:
@@ -337,6 +351,7 @@ def decompose(
     if is_placeholder(params):  # optax.tree.map_params: nothing params-shaped
       return DecomposeState(count=jnp.zeros([], jnp.int32), basis=not_params(),
                             slow=not_params(), fast=not_params())
+    v.real_float_leaves("decompose", params)
     leaves, plans, treedef = plans_of(params)
     key = jax.random.key(seed)
     basis, slow, fast = [], [], []
@@ -362,6 +377,7 @@ def decompose(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    v.real_float_leaves("decompose", updates, "updates")
     leaves, plans, treedef = plans_of(updates)
     bases = treedef.flatten_up_to(state.basis)
     slows = treedef.flatten_up_to(state.slow)
@@ -443,8 +459,10 @@ def _balanced_groups(plans: list[_Plan], n: int) -> list[set[int]]:
 
 
 def _ema(m: jax.Array, g: jax.Array, decay: Any, ok: jax.Array) -> jax.Array:
-  new = decay * m + (1 - decay) * g.astype(m.dtype)
-  return jnp.where(ok, new, m).astype(m.dtype)
+  new = (decay * m + (1 - decay) * g.astype(m.dtype)).astype(m.dtype)
+  # `ok` (the gradient entry is finite) is not enough when the EMA's dtype is
+  # narrower than the gradient's (float16): a finite entry may overflow it.
+  return jnp.where(ok & jnp.isfinite(new), new, m)
 
 
 def _compute_dtype(g: jax.Array, q: jax.Array) -> Any:

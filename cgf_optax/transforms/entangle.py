@@ -10,6 +10,7 @@ import optax
 from optax._src import numerics
 
 from cgf_optax import _validation as v
+from cgf_optax.transforms._state import is_placeholder
 
 
 class EntangleState(NamedTuple):
@@ -58,8 +59,10 @@ def entangle(
   follows the fresh gradient; when it rises, λ shrinks and the step leans on
   the smoother history. The first loss only sets :math:`L_{t-1}`. Without
   ``value`` λ stays fixed; a NaN or infinite loss leaves λ and
-  :math:`L_{t-1}` unchanged. Entries of a non-finite gradient do not enter
-  :math:`G_{t-1}` (they pass through to the output).
+  :math:`L_{t-1}` unchanged (λ is never NaN; a finite loss moves it even on a
+  step whose gradient is not finite). Entries of a non-finite gradient do not
+  enter :math:`G_{t-1}` (they pass through to the output), nor do entries too
+  large for ``state_dtype`` (they keep their last value).
 
   Args:
     lam: initial λ, within ``lam_bounds``.
@@ -96,9 +99,12 @@ def entangle(
     raise ValueError(f"`lam`={float(lam)} must lie within `lam_bounds`="
                      f"{tuple(lam_bounds)}.")
   adapt_rate = v.number("adapt_rate", adapt_rate, minimum=0.0)
-  state_dtype = None if state_dtype is None else jnp.dtype(state_dtype)
+  state_dtype = (None if state_dtype is None
+                 else v.float_dtype("state_dtype", state_dtype))
 
   def init_fn(params: Any) -> EntangleState:
+    if not is_placeholder(params):
+      v.real_float_leaves("entangle", params)
     return EntangleState(
         count=jnp.zeros([], jnp.int32),
         lam=jnp.asarray(lam, jnp.float32),
@@ -107,6 +113,7 @@ def entangle(
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
     del params, extra_args
+    v.real_float_leaves("entangle", updates, "updates")
     lam_t = state.lam
 
     def mix(g, prev):
@@ -115,13 +122,22 @@ def entangle(
       return (lam_c * g.astype(dt) + (1 - lam_c) * prev.astype(dt)).astype(g.dtype)
 
     out = jax.tree.map(mix, updates, state.prev)
-    prev = jax.tree.map(
-        lambda g, p, o: jnp.where(jnp.isfinite(g), o.astype(p.dtype), p),
-        updates, state.prev, out)
+
+    def keep(g, p, o):
+      o = o.astype(p.dtype)
+      # isfinite(o) too: a finite entry may overflow a narrower state_dtype.
+      return jnp.where(jnp.isfinite(g) & jnp.isfinite(o), o, p)
+
+    prev = jax.tree.map(keep, updates, state.prev, out)
 
     new_lam, new_prev_loss = lam_t, state.prev_loss
     if value is not None:
-      loss = jnp.asarray(value, jnp.float32)
+      try:
+        loss = jnp.asarray(value, jnp.float32)
+      except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"entangle: `value` must be the scalar loss, got {value!r} ({e})."
+        ) from None
       if loss.shape != ():
         raise ValueError(
             f"entangle: `value` must be the scalar loss, got shape {loss.shape}.")
@@ -132,6 +148,8 @@ def entangle(
       rel = jnp.where(ok & have_prev & jnp.isfinite(rel), rel, 0.0)
       rel = jnp.clip(rel, -1.0, 1.0)
       new_lam = jnp.clip(lam_t + adapt_rate * rel, lo, hi).astype(jnp.float32)
+      # λ is never NaN, even with injected (traced, unchecked) hyper-params.
+      new_lam = jnp.where(jnp.isfinite(new_lam), new_lam, lam_t)
       new_prev_loss = jnp.where(ok, loss, state.prev_loss)
     return out, EntangleState(
         count=numerics.safe_increment(state.count), lam=new_lam, prev=prev,

@@ -112,8 +112,8 @@ def modulate_by_gradient_norm(
     max_factor = v.number("max_factor", max_factor, minimum=1.0)
   eps = v.number("eps", eps, minimum=0.0)
   ema_decay = v.number("ema_decay", ema_decay, minimum=0.0, maximum=1.0)
-  if not v.is_traced(ema_decay) and reference == "ema" and float(ema_decay) >= 1:
-    raise ValueError("`ema_decay` must be < 1 for reference='ema'.")
+  if not v.is_traced(ema_decay) and float(ema_decay) >= 1:
+    raise ValueError(f"`ema_decay` must be < 1, got {float(ema_decay)}.")
 
   def scalars(params: Any, value: float, dtype: Any) -> Any:
     if scope == "global" or is_placeholder(params):
@@ -122,6 +122,8 @@ def modulate_by_gradient_norm(
                         is_leaf=is_scales)
 
   def init_fn(params: Any) -> ModulateState:
+    if not is_placeholder(params):
+      v.real_float_leaves("modulate_by_gradient_norm", params)
     return ModulateState(
         count=jnp.zeros([], jnp.int32),
         reference=scalars(params, 0.0, jnp.float32),
@@ -152,6 +154,7 @@ def modulate_by_gradient_norm(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    v.real_float_leaves("modulate_by_gradient_norm", updates, "updates")
     if scope == "global":
       norm = jnp.sqrt(_sq_norm(updates))
       factor, ref, steps, norm, finite = step(norm, state.reference,
@@ -162,9 +165,10 @@ def modulate_by_gradient_norm(
                            is_leaf=is_scales)
       res = jax.tree.map(step, norms, state.reference, state.ref_steps)
       treedef = jax.tree.structure(norms)
+      flat = treedef.flatten_up_to(res)   # [(factor, ref, ...) per leaf]
       factor, ref, steps, norm, finite = (
           jax.tree.unflatten(treedef, xs)
-          for xs in zip(*treedef.flatten_up_to(res), strict=True))
+          for xs in (zip(*flat, strict=True) if flat else [()] * 5))
       out = jax.tree.map(
           lambda u, f: jax.tree.map(lambda x: (x * f).astype(x.dtype), u),
           updates, factor, is_leaf=is_scales)
@@ -228,9 +232,9 @@ def modulate_step(
   References:
     CGFM, Algorithm 1 line 14 (``../shared/seeds``).
   """
+  inner = optax.with_extra_args_support(v.transformation("inner", inner))
   modulation = modulate_by_gradient_norm(
       reference, max_factor, scope, eps, ema_decay=ema_decay)
-  inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: Any) -> ModulateStepState:
     return ModulateStepState(modulation=modulation.init(params),

@@ -62,19 +62,32 @@ def normalize(
   def init_fn(params: Any) -> NormalizeState:
     if scope == "global" or is_placeholder(params):
       return NormalizeState(norm=jnp.zeros([], jnp.float32))
+    v.real_float_leaves("normalize", params)
     return NormalizeState(
         norm=jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params))
 
+  def divide(u: jax.Array, n: jax.Array) -> jax.Array:
+    d = n + eps
+    # A zero leaf stays zero even with eps = 0 (u / 1 = 0, not 0 / 0); a
+    # NaN norm still gives NaN.
+    return (u / jnp.where(d == 0, 1.0, d)).astype(u.dtype)
+
+  def keep_finite(new: jax.Array, old: jax.Array) -> jax.Array:
+    # The norm of a non-finite step is not stored (the last finite one is
+    # kept); the NaN/Inf reaches the output.
+    return jnp.where(jnp.isfinite(new), new, old)
+
   def update_fn(updates, state, params=None, **extra_args):
-    del state, params, extra_args
+    del params, extra_args
+    v.real_float_leaves("normalize", updates, "updates")
     if scope == "global":
       norm = jnp.sqrt(sum((jnp.square(_norm(u)) for u in jax.tree.leaves(updates)),
                           start=jnp.zeros([], jnp.float32)))
-      out = jax.tree.map(lambda u: (u / (norm + eps)).astype(u.dtype), updates)
-      return out, NormalizeState(norm=norm)
+      out = jax.tree.map(lambda u: divide(u, norm), updates)
+      return out, NormalizeState(norm=keep_finite(norm, state.norm))
     norms = jax.tree.map(_norm, updates)
-    out = jax.tree.map(lambda u, n: (u / (n + eps)).astype(u.dtype), updates,
-                       norms)
-    return out, NormalizeState(norm=norms)
+    out = jax.tree.map(divide, updates, norms)
+    return out, NormalizeState(
+        norm=jax.tree.map(keep_finite, norms, state.norm))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -14,6 +14,7 @@ from optax._src import numerics
 from cgf_optax import _validation as v
 from cgf_optax.transforms._leaves import path_str
 from cgf_optax.transforms._scales import SCALE_NAMES, is_scales
+from cgf_optax.transforms._state import is_placeholder
 
 ScaleWeight = float | jax.Array | optax.Schedule | Callable[[str], Any]
 
@@ -116,11 +117,13 @@ def scale_by_scales(
     return w
 
   def init_fn(params: Any) -> ScaleByScalesState:
-    del params
+    if not is_placeholder(params):
+      v.real_float_leaves("scale_by_scales", params)
     return ScaleByScalesState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    v.real_float_leaves("scale_by_scales", updates, "updates")
     flat, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_scales)
     if flat and not any(is_scales(x) for _, x in flat):
       raise ValueError(
