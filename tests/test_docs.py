@@ -103,3 +103,27 @@ def test_getting_started_loop_converges():
     exec(compile(code, "getting-started.md", "exec"), ns)
   final = float(ns["loss_fn"](ns["params"], ns["x"], ns["y"]))
   assert final < 0.01, out.getvalue()
+
+
+def test_api_page_documents_the_training_package():
+  import cgf_optax.train
+  documented = documented_names()
+  missing = [n for n in cgf_optax.train.__all__
+             if f"cgf_optax.train.{n}" not in documented
+             and f"cgf_optax.train.model.{n}" not in documented]
+  assert not missing, f"{API_PAGE.name} has no autodoc entry for {missing}"
+
+
+def test_training_guide_names_every_flag():
+  import dataclasses
+
+  from cgf_optax.train import TrainConfig
+  text = (DOCS / "training.md").read_text(encoding="utf-8")
+  # Flags are documented in the guide or explicitly in --help only.
+  help_only = {"progress", "eval_every", "eval_batches", "data_seed",
+               "init_seed", "norm", "tie_embeddings", "out", "mesh",
+               "batch_size", "seq_len", "steps"}
+  missing = [f.name for f in dataclasses.fields(TrainConfig)
+             if f.name not in help_only
+             and f"--{f.name.replace('_', '-')}" not in text]
+  assert not missing, f"docs/training.md does not mention {missing}"

@@ -308,3 +308,20 @@ def test_flow_lambdas_change_training(tmp_path, corpus):
   l0, l1 = plain.series("loss")[1], r.series("loss")[1]
   assert l0[0] == l1[0]          # same start: the forward pass is unchanged
   assert l0[1] != l1[1]          # different gradients, different second step
+
+
+def test_cli_compare_resume_starts_optimizers_not_yet_begun(tmp_path, capsys):
+  import shutil
+  out = tmp_path / "cmp"
+  args = ["compare", *TINY, "--steps", "4", "--checkpoint-every", "2",
+          "--optimizers", "adamw", "cgfm_adamw:strategy=mean",
+          "--out", str(out)]
+  assert cli.main([*args, "--stop-after", "2"]) == 0
+  shutil.rmtree(out / "cgfm_adamw_strategy_mean")   # as if never started
+  assert cli.main([*args, "--resume"]) == 0
+  assert "not started before" in capsys.readouterr().out
+  res = json.loads((out / "results.json").read_text())
+  assert [r["steps"] for r in res["results"]] == [4, 4]
+  steps = [json.loads(x)["step"] for x in
+           (out / "adamw" / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [1, 2, 3, 4]

@@ -86,6 +86,14 @@ def _baselines(corpus) -> dict[str, float]:
           unigram_bits(corpus.val)}
 
 
+def _started(run_dir: Path) -> bool:
+  """Whether a run left anything to resume from (a log or checkpoints)."""
+  log = run_dir / "metrics.jsonl"
+  ckpts = run_dir / "checkpoints"
+  return (log.exists() and log.stat().st_size > 0) or (
+      ckpts.exists() and any(ckpts.iterdir()))
+
+
 def run(command: str, cfg: TrainConfig) -> dict[str, Any]:
   """Runs ``train`` or ``compare``; returns the summary written to
   ``results.json``."""
@@ -120,7 +128,12 @@ def run(command: str, cfg: TrainConfig) -> dict[str, Any]:
   t0 = time.time()
   for spec in specs:
     run_dir = out if command == "train" else out / spec.slug
-    results.append(loop.train_one(cfg, spec, corpus, graphdef, params0,
+    run_cfg = cfg
+    if command == "compare" and cfg.resume and not _started(run_dir):
+      # The comparison stopped before this optimizer began: start it.
+      print(f"{spec.label}: not started before, starting from step 0")
+      run_cfg = dataclasses.replace(cfg, resume=False)
+    results.append(loop.train_one(run_cfg, spec, corpus, graphdef, params0,
                                   run_dir, desc=f"{spec.label:>16}"))
   table = report.results_table(results, reference=specs[0].label)
   uni = data.unigram_bits(corpus.val)

@@ -39,7 +39,9 @@ class TrainConfig:
                             "before the optimizer; 0 turns clipping off")
 
   # Model.
-  model: str = _field("tiny", "model preset: tiny, small, 125m, 350m, 1b")
+  model: str = _field("tiny", "model preset (parameters with the byte "
+                      "vocabulary: 0.4M, 3.2M, 85M, 302M, 1.0B)",
+                      choices=("tiny", "small", "125m", "350m", "1b"))
   d_model: int = _field(0, "override the preset's width (0: keep)")
   num_layers: int = _field(0, "override the preset's depth (0: keep)")
   num_heads: int = _field(0, "override the preset's heads (0: keep)")

@@ -116,8 +116,9 @@ class GPTConfig:
     return 6.0 * n + 12.0 * self.num_layers * d * seq_len
 
 
-# Named sizes. "tiny" trains in minutes on a laptop CPU; the others are for
-# GPUs (parameter counts with the 256-byte vocabulary, tied embeddings).
+#: Named sizes for :func:`gpt_config`. "tiny" trains in minutes on a laptop
+#: CPU; the others are for GPUs (parameter counts with the 256-byte
+#: vocabulary and tied embeddings).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=128, num_layers=2, num_heads=4),            # 0.4M
     "small": dict(d_model=256, num_layers=4, num_heads=4),           # 3.2M
