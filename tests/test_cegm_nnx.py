@@ -16,7 +16,7 @@ from flax import nnx
 import cgf_optax
 from cgf_optax.nnx import capture_context
 
-# A copy of the decoder-only transformer of examples/compare_cgfm_adamw.py
+# A copy of an early version of cgf_optax.train.GPT
 # (tests do not import from examples/).
 
 

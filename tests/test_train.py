@@ -325,3 +325,14 @@ def test_cli_compare_resume_starts_optimizers_not_yet_begun(tmp_path, capsys):
   steps = [json.loads(x)["step"] for x in
            (out / "adamw" / "metrics.jsonl").read_text().splitlines()]
   assert steps == [1, 2, 3, 4]
+
+
+def test_example_training_loop_runs():
+  import pathlib
+  root = pathlib.Path(__file__).resolve().parent.parent
+  r = subprocess.run([sys.executable, str(root / "examples" /
+                                          "nnx_training_loop.py"),
+                      "--optimizer", "cegm_adamw", "--steps", "2"],
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "step    2" in r.stdout and "bits/byte" in r.stdout

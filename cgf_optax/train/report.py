@@ -22,7 +22,8 @@ def results_table(results: Sequence[RunResult], reference: str | None = None
   validation loss for "steps to reach" and the throughput/memory ratios."""
   ref = next((r for r in results if r.label == reference), results[0])
   target = ref.final_val
-  head = (f"{'optimizer':<28} {'train b/B':>9} {'val b/B':>8} "
+  w = max(12, *(len(r.label) + (11 if r.diverged else 0) for r in results))
+  head = (f"{'optimizer':<{w}} {'train b/B':>9} {'val b/B':>8} "
           f"{'steps to ' + ref.label[:10] + ' val':>22} {'tokens/s':>10} "
           f"{'x ' + ref.label[:8]:>10} {'opt state':>10} "
           f"{'x ' + ref.label[:8]:>10}")
@@ -31,7 +32,7 @@ def results_table(results: Sequence[RunResult], reference: str | None = None
     reach = r.steps_to(target) if np.isfinite(target) else None
     note = " (diverged)" if r.diverged else ""
     lines.append(
-        f"{(r.label + note)[:28]:<28} {r.final_train:>9.3f} "
+        f"{r.label + note:<{w}} {r.final_train:>9.3f} "
         f"{r.final_val:>8.3f} {str(reach) if reach else 'not reached':>22} "
         f"{r.tokens_per_s:>10,.0f} "
         f"{r.tokens_per_s / max(ref.tokens_per_s, 1e-9):>9.2f}x "
