@@ -231,6 +231,7 @@ def test_cli_train_and_resume(tmp_path, capsys):
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--mesh", "data=0"], "--mesh"),
     (["--data", "/nonexistent/path"], "does not exist"),
+    (["--remat", "--optimizers", "cegm_adamw"], "--remat cannot"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, argv, message):
   with pytest.raises(SystemExit) as e:
