@@ -1,0 +1,2 @@
+"""The quality benchmark: ``python benchmarks/quality/run.py --preset reduced``
+(see docs/claims.md)."""
