@@ -3,13 +3,14 @@
 Every step is a small, composable :class:`optax.GradientTransformation`; the
 aliases build the papers' Algorithm 1 chains. :mod:`cgf_optax.flow` is
 CGFM's activation-level gradient flow (a layer for models);
+:mod:`cgf_optax.sharding` places optimizer states on device meshes;
 :mod:`cgf_optax.nnx` (Flax context capture) is imported on first use.
 """
 
 import importlib
 from typing import Any
 
-from cgf_optax import flow, losses
+from cgf_optax import flow, losses, sharding
 from cgf_optax._validation import HyperparameterTypeError
 from cgf_optax.aliases import (
     CEGM_STATIC_ARGS,
@@ -68,6 +69,7 @@ __all__ = [
     "modulate_step",
     "normalize",
     "scale_by_scales",
+    "sharding",
 ]
 
 

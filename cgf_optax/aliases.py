@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from cgf_optax import _validation as v
+from cgf_optax.transforms import _collectives as coll
 from cgf_optax.transforms.context_align import context_align
 from cgf_optax.transforms.decompose import Overrides, decompose
 from cgf_optax.transforms.entangle import entangle
@@ -25,18 +26,26 @@ CEGM_STATIC_ARGS = ("num_heads",)
 
 def _zero_nonfinite(
     inner: optax.GradientTransformation,
+    axis_name: coll.LeafAxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Runs ``inner`` on zeros when the updates are not all finite.
 
   ``inner``'s state (a momentum buffer) then stays finite; the step returned
   is NaN, so the caller (or :func:`optax.apply_if_finite`) sees the bad step.
+  With ``axis_name`` (split axes inside ``shard_map``) every device takes
+  the same decision.
   """
   inner = optax.with_extra_args_support(inner)
+  axes_of = coll.leaf_axis_names("norm_axis_name", axis_name)
 
   def update_fn(updates, state, params=None, **extra_args):
     # One reduction over the updates: the price of opting into momentum.
-    sq = sum((jnp.sum(jnp.square(u.astype(jnp.float32)))
-              for u in jax.tree.leaves(updates)), start=jnp.float32(0))
+    if axis_name is not None:
+      leaves, paths = coll.leaves_with_paths(updates)
+      sq = coll.global_sq_norm(leaves, paths, axes_of)
+    else:
+      sq = sum((jnp.sum(jnp.square(u.astype(jnp.float32)))
+                for u in jax.tree.leaves(updates)), start=jnp.float32(0))
     finite = jnp.isfinite(sq)
     safe = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)),
                         updates)
@@ -85,6 +94,7 @@ def cgfm(
     nesterov: bool = False,
     overrides: Overrides | None = None,
     seed: int = 0,
+    norm_axis_name: coll.LeafAxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""CGFM, Algorithm 1 as written: decompose → scale → modulate → SGD step.
 
@@ -124,6 +134,14 @@ def cgfm(
     nesterov: Nesterov momentum (with ``momentum``).
     overrides: see :func:`cgf_optax.decompose`.
     seed: see :func:`cgf_optax.decompose`.
+    norm_axis_name: inside :func:`jax.shard_map`, the mesh axes over which
+      the leaves are split (FSDP), for the global norm of the modulation: see
+      :func:`cgf_optax.modulate_by_gradient_norm`'s ``axis_name``. Data
+      parallelism (gradients averaged, whole on every device) needs none.
+      ``lowrank`` and ``mean`` decompose each matrix as the device sees it,
+      so they need whole matrices inside ``shard_map``; ``temporal`` is
+      element-wise. (Under :func:`jax.jit` every strategy works on any
+      sharding.)
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -147,13 +165,16 @@ def cgfm(
   if momentum is not None:
     v.number("momentum", momentum, minimum=0.0, maximum=1.0)
   nesterov = v.boolean("nesterov", nesterov)
+  coll.leaf_axis_names("norm_axis_name", norm_axis_name)
   return optax.chain(
       decompose(strategy, num_scales, rank, refresh_every,
                 intermediate_rank=intermediate_rank, power_iters=power_iters,
                 stagger=stagger, overrides=overrides, seed=seed),
       scale_by_scales(local=local, intermediate=intermediate, global_=global_),
-      modulate_by_gradient_norm(reference, max_factor, scope),
-      (_zero_nonfinite(optax.trace(decay=momentum, nesterov=nesterov))
+      modulate_by_gradient_norm(reference, max_factor, scope,
+                                axis_name=norm_axis_name),
+      (_zero_nonfinite(optax.trace(decay=momentum, nesterov=nesterov),
+                       norm_axis_name)
        if momentum is not None else optax.identity()),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -184,6 +205,7 @@ def cgfm_adamw(
     mask: Any = None,
     overrides: Overrides | None = None,
     seed: int = 0,
+    norm_axis_name: coll.LeafAxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""CGFM's decomposition and modulation around AdamW.
 
@@ -230,6 +252,14 @@ def cgfm_adamw(
     mask: weight-decay mask, as in :func:`optax.adamw`.
     overrides: see :func:`cgf_optax.decompose`.
     seed: see :func:`cgf_optax.decompose`.
+    norm_axis_name: inside :func:`jax.shard_map`, the mesh axes over which
+      the leaves are split (FSDP), for the global norm of the modulation: see
+      :func:`cgf_optax.modulate_by_gradient_norm`'s ``axis_name``. Data
+      parallelism (gradients averaged, whole on every device) needs none.
+      ``lowrank`` and ``mean`` decompose each matrix as the device sees it,
+      so they need whole matrices inside ``shard_map``; ``temporal`` is
+      element-wise. (Under :func:`jax.jit` every strategy works on any
+      sharding.)
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -247,14 +277,16 @@ def cgfm_adamw(
   v.number("weight_decay", weight_decay, minimum=0.0)
   modulate = v.boolean("modulate", modulate)
   v.mask("mask", mask)
+  coll.leaf_axis_names("norm_axis_name", norm_axis_name)
   adam = _adam(b1, b2, eps, mu_dtype)
   return optax.chain(
       decompose(strategy, num_scales, rank, refresh_every,
                 intermediate_rank=intermediate_rank, power_iters=power_iters,
                 stagger=stagger, overrides=overrides, seed=seed),
       scale_by_scales(local=local, intermediate=intermediate, global_=global_),
-      (modulate_step(adam, reference, max_factor, scope) if modulate
-       else _zero_nonfinite(adam)),
+      (modulate_step(adam, reference, max_factor, scope,
+                     axis_name=norm_axis_name) if modulate
+       else _zero_nonfinite(adam, norm_axis_name)),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -276,6 +308,8 @@ def cegm(
     eps: float = 1e-8,
     require_context: bool = True,
     state_dtype: Any = None,
+    axis_name: coll.AxisName = None,
+    norm_axis_name: coll.LeafAxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""CEGM, Algorithm 1 as written: entangle → context-align → normalise → step.
 
@@ -302,6 +336,15 @@ def cegm(
     eps: see :func:`cgf_optax.normalize`.
     require_context: see :func:`cgf_optax.context_align`.
     state_dtype: dtype of the entangled-gradient state.
+    axis_name: inside :func:`jax.shard_map` (data parallel: params whole
+      on every device, gradients averaged), the mesh axes over which the
+      batch is split: :func:`cgf_optax.entangle` averages the loss over them
+      and :func:`cgf_optax.context_align` pools the context over the tokens
+      of every device. Under :func:`jax.jit` sharding, leave it ``None``.
+    norm_axis_name: inside :func:`jax.shard_map`, the mesh axes over which
+      the leaves are split (FSDP), for :func:`cgf_optax.normalize`'s norms;
+      data parallelism needs none. (A kernel split along its fan-in cannot
+      be context-aligned inside ``shard_map``.)
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -324,10 +367,14 @@ def cegm(
   """
   v.number_or_schedule("learning_rate", learning_rate)
   v.choice("normalize_scope", normalize_scope, ("leaf", "global"))
+  coll.axis_names("axis_name", axis_name)
+  coll.leaf_axis_names("norm_axis_name", norm_axis_name)
   return optax.chain(
-      entangle(lam, adapt_rate, lam_bounds, state_dtype=state_dtype),
-      context_align(num_heads, gamma, rho, require_context=require_context),
-      normalize(normalize_scope, eps),
+      entangle(lam, adapt_rate, lam_bounds, state_dtype=state_dtype,
+               axis_name=axis_name),
+      context_align(num_heads, gamma, rho, require_context=require_context,
+                    axis_name=axis_name),
+      normalize(normalize_scope, eps, axis_name=norm_axis_name),
       optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -351,6 +398,8 @@ def cegm_adamw(
     state_dtype: Any = None,
     mu_dtype: Any = None,
     mask: Any = None,
+    axis_name: coll.AxisName = None,
+    norm_axis_name: coll.LeafAxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The CEGM steps ahead of AdamW's moments.
 
@@ -381,6 +430,15 @@ def cegm_adamw(
     state_dtype: dtype of the entangled-gradient state.
     mu_dtype: dtype of Adam's first moment.
     mask: weight-decay mask, as in :func:`optax.adamw`.
+    axis_name: inside :func:`jax.shard_map` (data parallel: params whole
+      on every device, gradients averaged), the mesh axes over which the
+      batch is split: :func:`cgf_optax.entangle` averages the loss over them
+      and :func:`cgf_optax.context_align` pools the context over the tokens
+      of every device. Under :func:`jax.jit` sharding, leave it ``None``.
+    norm_axis_name: inside :func:`jax.shard_map`, the mesh axes over which
+      the leaves are split (FSDP), for :func:`cgf_optax.normalize`'s norms;
+      data parallelism needs none. (A kernel split along its fan-in cannot
+      be context-aligned inside ``shard_map``.)
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -400,15 +458,19 @@ def cegm_adamw(
     v.choice("normalize_scope", normalize_scope, ("leaf", "global"))
   v.number("normalize_eps", normalize_eps, minimum=0.0)
   v.mask("mask", mask)
+  coll.axis_names("axis_name", axis_name)
+  coll.leaf_axis_names("norm_axis_name", norm_axis_name)
   adam = _adam(b1, b2, eps, mu_dtype)
   return optax.chain(
-      entangle(lam, adapt_rate, lam_bounds, state_dtype=state_dtype),
-      context_align(num_heads, gamma, rho, require_context=require_context),
-      (normalize(normalize_scope, normalize_eps) if normalize_scope is not None
-       else optax.identity()),
+      entangle(lam, adapt_rate, lam_bounds, state_dtype=state_dtype,
+               axis_name=axis_name),
+      context_align(num_heads, gamma, rho, require_context=require_context,
+                    axis_name=axis_name),
+      (normalize(normalize_scope, normalize_eps, axis_name=norm_axis_name)
+       if normalize_scope is not None else optax.identity()),
       # Zeros into Adam on a non-finite step, as in cgfm_adamw (the moments
       # stay finite; the step returned is NaN).
-      _zero_nonfinite(adam),
+      _zero_nonfinite(adam, norm_axis_name),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -102,6 +102,10 @@ KINDS: dict[str, tuple[st.SearchStrategy, list[Any]]] = {
         {"k4": cgf_optax.MatrixAxes(fan_in=(0, 1, 2), fan_out=3)},
         lambda path, leaf: "mean" if leaf.ndim == 2 else None]),
                   [3, "m", ["m"], {"(": "mean"}, {3: "mean"}]),
+    # shard_map axis names: only None is valid outside shard_map (the
+    # collectives are tested in test_sharded_training.py).
+    "axis": (st.none(), [3, "", ("data", "data"), ("data", 3), 1.5, b"x"]),
+    "leaf_axis": (st.none(), [3, "", ("data", "data"), ("data", 3), 1.5]),
 }
 
 
@@ -126,20 +130,24 @@ ENTANGLE_ARGS = {"lam": "unit", "adapt_rate": "nonneg",
 ALIGN_ARGS = {"num_heads": "pos_int", "gamma": "nonneg", "rho": "unit_open",
               "require_context": "bool"}
 
+CEGM_AXES = {"axis_name": "axis", "norm_axis_name": "leaf_axis"}
+
 SPECS: dict[str, dict[str, Any]] = {
     "cgfm": {"learning_rate": "learning_rate", **DECOMPOSE_ARGS, **SCALE_ARGS,
-             **MODULATE_ARGS, "momentum": "unit", "nesterov": "bool"},
+             **MODULATE_ARGS, "momentum": "unit", "nesterov": "bool",
+             "norm_axis_name": "leaf_axis"},
     "cgfm_adamw": {"learning_rate": "learning_rate", **ADAM_ARGS,
                    **DECOMPOSE_ARGS, **SCALE_ARGS, **MODULATE_ARGS,
-                   "modulate": "bool"},
+                   "modulate": "bool", "norm_axis_name": "leaf_axis"},
     "cegm": {"learning_rate": "learning_rate", **ENTANGLE_ARGS, **ALIGN_ARGS,
              "normalize_scope": _choice("leaf", "global"),
-             "eps": "small_nonneg", "state_dtype": "dtype_or_none"},
+             "eps": "small_nonneg", "state_dtype": "dtype_or_none",
+             **CEGM_AXES},
     "cegm_adamw": {"learning_rate": "learning_rate", **ADAM_ARGS,
                    **ENTANGLE_ARGS, **ALIGN_ARGS,
                    "normalize_scope": _choice("leaf", "global"),
                    "normalize_eps": "small_nonneg",
-                   "state_dtype": "dtype_or_none"},
+                   "state_dtype": "dtype_or_none", **CEGM_AXES},
     "decompose": {**DECOMPOSE_ARGS, "init_power_iters": "int32",
                   "fast_decay": "unit", "slow_decay": "unit",
                   "vector_scale": _choice("local", "global", "global_"),
@@ -147,15 +155,19 @@ SPECS: dict[str, dict[str, Any]] = {
                   "basis_dtype": "float_dtype", "ema_dtype": "dtype_or_none"},
     "scale_by_scales": SCALE_ARGS,
     "modulate_by_gradient_norm": {**MODULATE_ARGS, "eps": "small_nonneg",
-                                  "ema_decay": "unit_open"},
+                                  "ema_decay": "unit_open",
+                                  "axis_name": "leaf_axis"},
     "modulate_step": {"inner": "inner", **MODULATE_ARGS, "eps": "small_nonneg",
-                      "ema_decay": "unit_open"},
-    "entangle": {**ENTANGLE_ARGS, "state_dtype": "dtype_or_none"},
-    "context_align": {**ALIGN_ARGS, "eps": "small_nonneg"},
-    "normalize": {"scope": _choice("leaf", "global"), "eps": "small_nonneg"},
+                      "ema_decay": "unit_open", "axis_name": "leaf_axis"},
+    "entangle": {**ENTANGLE_ARGS, "state_dtype": "dtype_or_none",
+                 "axis_name": "axis"},
+    "context_align": {**ALIGN_ARGS, "eps": "small_nonneg", "axis_name": "axis"},
+    "normalize": {"scope": _choice("leaf", "global"), "eps": "small_nonneg",
+                  "axis_name": "leaf_axis"},
 }
 # Arguments that may also be None.
-NONE_OK = {"intermediate_rank", "momentum", "overrides"}
+NONE_OK = {"intermediate_rank", "momentum", "overrides", "axis_name",
+           "norm_axis_name"}
 # What the factory needs to be called at all.
 REQUIRED = {"cgfm": {"learning_rate": 0.1}, "cgfm_adamw": {"learning_rate": 0.1},
             "cegm": {"learning_rate": 0.1}, "cegm_adamw": {"learning_rate": 0.1},

@@ -89,6 +89,11 @@ SCRIPT = textwrap.dedent('''
           cgf_optax.cgfm(1.0, strategy=strategy, rank=2))
       results[f"cgfm_adamw-{strategy}"] = check(
           cgf_optax.cgfm_adamw(1.0, strategy=strategy, rank=2))
+    for scope in ("leaf", "global"):
+      results[f"cegm-{scope}"] = check(cgf_optax.cegm(
+          1.0, require_context=False, normalize_scope=scope))
+    results["cegm_adamw"] = check(
+        cgf_optax.cegm_adamw(1.0, require_context=False))
     print("RESULTS=" + json.dumps(results))
 ''')
 
@@ -108,7 +113,7 @@ def test_state_sharding_is_preserved_on_8_cpu_devices():
   assert proc.returncode == 0 and lines, (
       f"subprocess failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
   results = json.loads(lines[-1][len("RESULTS="):])
-  assert len(results) == 6
+  assert len(results) == 9
   failures = [f"{alias} {check}: {msg}"
               for alias, checks in results.items()
               for check, msg in checks.items() if msg != "ok"]

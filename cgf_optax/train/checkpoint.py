@@ -4,16 +4,31 @@ A checkpoint holds the model parameters, the optimizer state and, as JSON,
 the step, the cumulative training time and what the run was (model config,
 optimizer label, data seed). The batch order is a function of
 ``(data_seed, step)`` (:func:`cgf_optax.train.data.batch_at`), so the step is
-the whole data position and RNG state. Orbax writes each checkpoint to a
-temporary directory and renames it when complete, so a crash mid-save leaves
-the previous checkpoint as the latest good one.
+the whole data position and RNG state.
+
+Crash safety (tested by killing ``cgf-optax train`` with SIGKILL at random
+points, ``tests/test_kill_resume.py``):
+
+* Orbax writes each checkpoint to ``<step>.orbax-checkpoint-tmp`` and renames
+  it to ``<step>`` when complete; a folder named by a bare step number is
+  therefore always whole, and a crash mid-save leaves the previous checkpoint
+  as the latest. Temporary folders of a crashed save are removed when the
+  next run opens the folder.
+* Old checkpoints beyond ``keep`` are first *renamed* into ``_deleted/``
+  (one atomic rename) and only then removed, so a crash while deleting never
+  leaves a half-deleted ``<step>`` folder behind; ``_deleted/`` is emptied
+  after every save and when a run opens the folder.
 
 Checkpoints are restored into a target built from the run's own
-initialisation (shapes, dtypes, shardings); nothing is unpickled.
+initialisation (shapes, dtypes, shardings); nothing is unpickled: the arrays
+are TensorStore (zarr/OCDBT) data and the rest is JSON.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +37,50 @@ import orbax.checkpoint as ocp
 
 __all__ = ["CheckpointError", "RunCheckpointer"]
 
+# Old checkpoints are renamed into this sub-folder, then deleted.
+TRASH = "_deleted"
+# Files a checkpoint's restore reads: (path, is JSON, required).
+_FILES = (("meta/metadata", True, True), ("state/_METADATA", True, True),
+          ("state/manifest.ocdbt", False, True),
+          ("state/array_metadatas/process_0", True, False))
+
 
 class CheckpointError(ValueError):
   """A checkpoint that is missing, corrupt or from a different run."""
+
+
+def _reason(e: BaseException, limit: int = 400) -> str:
+  """The most telling line of an Orbax / TensorStore error chain.
+
+  TensorStore errors end with a long JSON spec of the array; Orbax wraps
+  them in a generic "error while reading array index". The innermost cause
+  names the array and the file and says what is wrong.
+  """
+  chain = []
+  while e is not None and len(chain) < 10:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  text = ""
+  for err in reversed(chain):        # innermost first
+    msg = str(err)
+    if msg and "See full TensorStore details" not in msg:
+      text = f"{type(err).__name__}: {msg}"
+      break
+  if not text:
+    text = f"{type(chain[0]).__name__}: {chain[0]}"
+  text = re.split(r" \[tensorstore_spec|\. See full TensorStore", text)[0]
+  text = " ".join(text.split())
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _diff(saved: Any, here: Any, key: str) -> str:
+  """``key.sub is A there, B here`` for the entries that differ."""
+  if isinstance(saved, dict) and isinstance(here, dict):
+    parts = [_diff(saved.get(k), here.get(k), f"{key}.{k}")
+             for k in sorted(set(saved) | set(here), key=str)
+             if saved.get(k) != here.get(k)]
+    return "; ".join(parts)
+  return f"{key} is {saved!r} there, {here!r} here"
 
 
 class RunCheckpointer:
@@ -40,11 +96,18 @@ class RunCheckpointer:
   def __init__(self, directory: str | Path, every: int, keep: int):
     self.directory = Path(directory).absolute()
     self.every = every
+    self._empty_trash()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=False,
-        cleanup_tmp_directories=True)
+        cleanup_tmp_directories=True, todelete_subdir=TRASH)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "meta"))
+
+  def _empty_trash(self) -> None:
+    """Removes checkpoints already renamed away for deletion."""
+    trash = self.directory / TRASH
+    if trash.is_dir():
+      shutil.rmtree(trash, ignore_errors=True)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -60,7 +123,26 @@ class RunCheckpointer:
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave(meta)), force=True)
     self._manager.wait_until_finished()
+    self._empty_trash()
     return True
+
+  def _check_files(self, where: Path) -> None:
+    """Refuses a checkpoint with a missing, empty or unparsable file."""
+    for name, is_json, required in _FILES:
+      f = where / name
+      if not required and not f.exists():
+        continue
+      if not f.is_file():
+        raise CheckpointError(f"checkpoint {where} is incomplete: {f} is "
+                              "missing")
+      if f.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {where} is corrupt: {f} is empty")
+      if is_json:
+        try:
+          json.loads(f.read_bytes())
+        except (ValueError, OSError) as e:
+          raise CheckpointError(f"checkpoint {where} is corrupt: {f} is not "
+                                f"valid JSON ({e})") from None
 
   def restore(self, target: Any, expect: dict[str, Any]
               ) -> tuple[int, Any, dict[str, Any]]:
@@ -76,23 +158,37 @@ class RunCheckpointer:
       ``(step, state, meta)``.
 
     Raises:
-      CheckpointError: no checkpoint, a corrupt one, or one of another run.
+      CheckpointError: no checkpoint, a corrupt one, or one of another run;
+        the message names the checkpoint folder and, where one is at fault,
+        the file.
     """
     step = self._manager.latest_step()
     if step is None:
       raise CheckpointError(f"--resume: no checkpoint in {self.directory}")
     where = self.directory / str(step)
+    older = [s for s in self._manager.all_steps() if s < step]
+    hint = (f" (remove {where} to resume from step {max(older)} instead)"
+            if older else "")
+    try:
+      self._check_files(where)
+    except CheckpointError as e:
+      raise CheckpointError(f"{e}{hint}") from None
     try:
       meta = self._manager.restore(
           step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001 - report any Orbax failure plainly
-      raise CheckpointError(f"checkpoint {where} is unreadable (metadata): "
-                            f"{type(e).__name__}: {e}") from None
+      raise CheckpointError(f"checkpoint {where} is unreadable (metadata "
+                            f"{where / 'meta' / 'metadata'}): "
+                            f"{_reason(e)}{hint}") from None
+    if not isinstance(meta, dict):
+      raise CheckpointError(f"checkpoint {where} is corrupt: "
+                            f"{where / 'meta' / 'metadata'} is not a JSON "
+                            "object")
     for key, value in expect.items():
       if meta.get(key) != value:
         raise CheckpointError(
-            f"checkpoint {where} is from a different run: {key} is "
-            f"{meta.get(key)!r} there, {value!r} here")
+            f"checkpoint {where} is from a different run: "
+            f"{_diff(meta.get(key), value, key)}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
       state = self._manager.restore(step, args=ocp.args.Composite(
@@ -100,7 +196,7 @@ class RunCheckpointer:
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(f"checkpoint {where} is corrupt or does not "
                             f"match this model/optimizer: "
-                            f"{type(e).__name__}: {str(e)[:500]}") from None
+                            f"{_reason(e)}{hint}") from None
     return step, state, meta
 
   def close(self) -> None:

@@ -86,12 +86,20 @@ def _baselines(corpus) -> dict[str, float]:
           unigram_bits(corpus.val)}
 
 
-def _started(run_dir: Path) -> bool:
-  """Whether a run left anything to resume from (a log or checkpoints)."""
-  log = run_dir / "metrics.jsonl"
+def _has_checkpoint(run_dir: Path) -> bool:
+  """Whether a run saved a checkpoint to resume from (a folder named by a
+  step number; Orbax renames a save to that name only when it is whole)."""
   ckpts = run_dir / "checkpoints"
-  return (log.exists() and log.stat().st_size > 0) or (
-      ckpts.exists() and any(ckpts.iterdir()))
+  return ckpts.is_dir() and any(p.name.isdigit() and p.is_dir()
+                                for p in ckpts.iterdir())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+  """Writes ``text`` to a new file that then replaces ``path``: a crash
+  leaves the old file or the new one, never a torn one."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
 
 
 def run(command: str, cfg: TrainConfig) -> dict[str, Any]:
@@ -99,6 +107,7 @@ def run(command: str, cfg: TrainConfig) -> dict[str, Any]:
   ``results.json``."""
   import jax
 
+  from cgf_optax import sharding
   from cgf_optax.train import data, loop, report
   from cgf_optax.train.optimizers import build_optimizer
 
@@ -114,14 +123,22 @@ def run(command: str, cfg: TrainConfig) -> dict[str, Any]:
         f"validation bytes are too few for --seq-len {cfg.seq_len}")
   out = Path(cfg.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=1) + "\n")
+  config_text = json.dumps(cfg.to_json(), indent=1) + "\n"
+  # Written now for a new run folder; otherwise only after training, so a
+  # refused --resume (a bad checkpoint, another run's folder) changes nothing.
+  if not (out / "config.json").exists():
+    _write_atomic(out / "config.json", config_text)
   graphdef, params0 = loop.init_model(cfg)
   n_params = sum(x.size for x in jax.tree.leaves(params0))
   base = _baselines(corpus)
+  mesh = sharding.mesh_of(params0)
+  where = (jax.devices()[0].device_kind if mesh is None else
+           f"{mesh.size} x {jax.devices()[0].device_kind}, mesh "
+           + ", ".join(f"{a}={n}" for a, n in mesh.shape.items()))
   print(f"data: {corpus.describe()}")
   print(f"model: GPT preset {cfg.model!r}, {n_params:,} parameters, "
         f"{cfg.seq_len} bytes per sequence, {cfg.batch_size} sequences per "
-        f"step; device: {jax.devices()[0].device_kind}")
+        f"step; device: {where}")
   print("reference points (validation bits per byte): uniform guess 8.000, "
         f"unigram entropy {data.unigram_bits(corpus.val):.3f}")
   results = []
@@ -129,9 +146,11 @@ def run(command: str, cfg: TrainConfig) -> dict[str, Any]:
   for spec in specs:
     run_dir = out if command == "train" else out / spec.slug
     run_cfg = cfg
-    if command == "compare" and cfg.resume and not _started(run_dir):
-      # The comparison stopped before this optimizer began: start it.
-      print(f"{spec.label}: not started before, starting from step 0")
+    if command == "compare" and cfg.resume and not _has_checkpoint(run_dir):
+      # The comparison stopped before this optimizer began, or before its
+      # first checkpoint: start it.
+      print(f"{spec.label}: not started before (no checkpoint), starting "
+            "from step 0")
       run_cfg = dataclasses.replace(cfg, resume=False)
     results.append(loop.train_one(run_cfg, spec, corpus, graphdef, params0,
                                   run_dir, desc=f"{spec.label:>16}"))
@@ -149,13 +168,15 @@ def run(command: str, cfg: TrainConfig) -> dict[str, Any]:
   summary = {"command": " ".join(["cgf-optax", *sys.argv[1:]]),
              "config": cfg.to_json(), "corpus": corpus.describe(),
              "n_params": n_params, "device": jax.devices()[0].device_kind,
+             "mesh": {} if mesh is None else dict(mesh.shape),
              "unigram_bits": uni, "wall_s": time.time() - t0,
              "results": [r.summary() for r in results]}
   ref = results[0].final_val
   for r, s in zip(results, summary["results"], strict=True):
     s["steps_to_reference_val"] = r.steps_to(ref)
-  (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
-  (out / "table.txt").write_text(table + "\n")
+  _write_atomic(out / "config.json", config_text)
+  _write_atomic(out / "results.json", json.dumps(summary, indent=1) + "\n")
+  _write_atomic(out / "table.txt", table + "\n")
   print(f"wrote {out}/table.txt, results.json, metrics.jsonl and "
         + ", ".join(str(f.name) for f in files))
   return summary

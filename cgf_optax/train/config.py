@@ -78,7 +78,7 @@ class TrainConfig:
                           "optimizer)")
 
   # Schedule of the run.
-  steps: int = _field(400, "optimizer steps")
+  steps: int = _field(300, "optimizer steps")
   eval_every: int = _field(50, "validate every this many steps (and at the "
                            "end)")
   eval_batches: int = _field(8, "validation batches of batch_size * 2 "
@@ -97,8 +97,10 @@ class TrainConfig:
                            "to --steps); continue later with --resume")
   resume: bool = _field(False, "continue from the latest checkpoint in "
                         "--out (an error if there is none)")
-  mesh: str = _field("", "device mesh, e.g. data=4,model=2 (empty: one "
-                     "device)")
+  mesh: str = _field("", "device mesh, e.g. data=4,model=2: params sharded "
+                     "FSDP along data and tensor-parallel along model, "
+                     "batches split along data; an axis left out has size 1 "
+                     "(empty: one device, no sharding)")
   progress: bool = _field(True, "show progress bars")
 
   def __post_init__(self):
@@ -143,6 +145,13 @@ class TrainConfig:
     if not self.optimizers:
       raise ValueError("--optimizers needs at least one optimizer")
     specs = [parse_optimizer_spec(s) for s in self.optimizers]
+    if self.remat and any(s.name in ("cegm", "cegm_adamw") for s in specs):
+      # nnx.remat re-creates the blocks inside the rematerialised function,
+      # so the context capture would see no layer call: refuse rather than
+      # train CEGM without context.
+      raise ValueError("--remat cannot be combined with cegm/cegm_adamw: "
+                       "the rematerialised blocks hide the linear layers' "
+                       "inputs from the context capture")
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
       raise ValueError(f"--optimizers lists the same optimizer twice: "

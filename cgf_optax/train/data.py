@@ -10,7 +10,8 @@ Three sources, none downloaded at run time:
   has them); validation is held-out *files* (every tenth, sorted by path).
 * a path: a text file (split by position: the last 10% is validation) or a
   folder of text files (every tenth file held out, at least one). Files
-  containing NUL bytes are refused as binary.
+  containing NUL bytes are refused as binary, and unreadable files (no
+  permission, a broken symbolic link) as unreadable, each by name.
 
 Tokens are bytes (vocabulary 256). Batch ``i`` of a run is drawn from a
 NumPy generator seeded with ``(seed, i)``, so batches depend only on the
@@ -162,6 +163,9 @@ def _read_text_file(path: Path) -> bytes:
 
 def _load_path(path: Path) -> Corpus:
   if not path.exists():
+    if path.is_symlink():
+      raise DataError(f"data path {path} is a broken symbolic link (to "
+                      f"{path.readlink()})")
     raise DataError(f"data path {path} does not exist")
   if path.is_file():
     data = _read_text_file(path)
@@ -172,7 +176,9 @@ def _load_path(path: Path) -> Corpus:
     arr = np.frombuffer(data, dtype=np.uint8).copy()
     return Corpus(str(path), arr[:cut], arr[cut:], (f"{path} [:90%]",),
                   (f"{path} [90%:]",))
-  files = sorted(p for p in path.rglob("*") if p.is_file()
+  # Broken symbolic links are kept, to be refused by name when read.
+  files = sorted(p for p in path.rglob("*")
+                 if (p.is_file() or (p.is_symlink() and not p.exists()))
                  and not any(part.startswith(".")
                              for part in p.relative_to(path).parts))
   texts = [p for p in files if p.suffix.lower() in _TEXT_SUFFIXES]

@@ -22,13 +22,19 @@ import optax
 from flax import nnx
 
 import cgf_optax
-from cgf_optax import flow
+from cgf_optax import flow, sharding
 from cgf_optax.nnx import capture_context
 from cgf_optax.train.checkpoint import CheckpointError, RunCheckpointer
 from cgf_optax.train.config import OptimizerSpec, TrainConfig
 from cgf_optax.train.data import Corpus, batch_at
 from cgf_optax.train.model import GPT, GPTConfig, gpt_config
 from cgf_optax.train.optimizers import build_optimizer, decompose_of, uses_context
+from cgf_optax.train.parallel import (
+    check_divisible,
+    init_partitioned,
+    run_mesh,
+    shard_batch,
+)
 
 __all__ = ["RunResult", "init_model", "model_config", "train_one"]
 
@@ -92,8 +98,17 @@ def model_config(cfg: TrainConfig) -> GPTConfig:
 
 
 def init_model(cfg: TrainConfig) -> tuple[nnx.GraphDef, nnx.State]:
-  """The model's graph and its initial parameters (seeded by ``init_seed``)."""
-  model = GPT(model_config(cfg), rngs=nnx.Rngs(cfg.init_seed))
+  """The model's graph and its initial parameters (seeded by ``init_seed``).
+
+  With ``cfg.mesh`` the parameters are created sharded on that mesh
+  (:mod:`cgf_optax.train.parallel`), with the same values.
+  """
+  mcfg = model_config(cfg)
+  mesh = run_mesh(cfg.mesh)
+  if mesh is not None:
+    check_divisible(mcfg, mesh, cfg.batch_size)
+    return init_partitioned(mcfg, cfg.init_seed, mesh)
+  model = GPT(mcfg, rngs=nnx.Rngs(cfg.init_seed))
   return nnx.split(model, nnx.Param)
 
 
@@ -179,7 +194,11 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
 
   Writes ``metrics.jsonl`` and checkpoints under ``run_dir``. With
   ``cfg.resume`` it continues from the latest checkpoint there, or raises
-  :class:`CheckpointError` if there is none.
+  :class:`CheckpointError` if there is none. When ``params0`` are sharded on
+  a mesh (:func:`init_model` with ``cfg.mesh``), the optimizer state is
+  initialised sharded like them, batches are split along ``"data"``, the
+  step keeps params and state on their shardings, and checkpoints are saved
+  and restored sharded.
   """
   from tqdm.auto import tqdm
 
@@ -194,6 +213,8 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
 
   num_layers = model_config(cfg).num_layers
   hook = _flow_hook(cfg, num_layers)
+  mesh = sharding.mesh_of(params0)
+  keep: Any = None    # with a mesh: the shardings of (params, opt_state)
 
   def loss_fn(params, probes, x, y):
     model = nnx.merge(graphdef, params)
@@ -223,16 +244,24 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
         metrics[f"flow_global/{i}"] = tel.global_norm[i]
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
+    if keep is not None:
+      params, opt_state = jax.lax.with_sharding_constraint(
+          (params, opt_state), keep)
     metrics.update(_scalar_telemetry(opt_state))
     return params, opt_state, metrics
 
   train_step = jax.jit(step, static_argnames="telemetry", donate_argnums=(0, 1))
   eval_loss = jax.jit(lambda p, x, y: loss_fn(p, None, x, y)[0])
-  val_batches = [batch_at(corpus.val, i, 2 * cfg.batch_size, cfg.seq_len,
-                          _VAL_SEED) for i in range(cfg.eval_batches)]
+  val_batches = [shard_batch(mesh, *batch_at(
+      corpus.val, i, 2 * cfg.batch_size, cfg.seq_len, _VAL_SEED))
+                 for i in range(cfg.eval_batches)]
 
   params = jax.tree.map(jnp.copy, params0)    # params0 serves every run
-  opt_state = tx.init(params)
+  if mesh is None:
+    opt_state = tx.init(params)
+  else:
+    opt_state = sharding.init_sharded(tx, params)
+    keep = jax.tree.map(lambda a: a.sharding, (params, opt_state))
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(opt_state))
 
   ckpt = None
@@ -262,8 +291,11 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
           f"{run_dir / 'checkpoints'} already holds checkpoints; pass "
           "--resume to continue that run, or choose another --out")
     records = []
-  # Rewrite the log up to the restored step (a crash may have logged more).
-  metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  # Rewrite the log up to the restored step (a crash may have logged more):
+  # into a new file that replaces the old one, so a crash here loses nothing.
+  tmp_log = metrics_path.with_name(metrics_path.name + ".tmp")
+  tmp_log.write_text("".join(json.dumps(r) + "\n" for r in records))
+  tmp_log.replace(metrics_path)
 
   bad_run = 0
   diverged = False
@@ -274,8 +306,8 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
   ema = ema_w = 0.0
   with metrics_path.open("a") as log:
     for i in bar:
-      x, y = batch_at(corpus.train, i - 1, cfg.batch_size, cfg.seq_len,
-                      cfg.data_seed)
+      x, y = shard_batch(mesh, *batch_at(corpus.train, i - 1, cfg.batch_size,
+                                         cfg.seq_len, cfg.data_seed))
       telemetry = bool((dec is not None or hook is not None)
                        and cfg.telemetry_every
                        and i % cfg.telemetry_every == 0)

@@ -5,8 +5,9 @@ Pre-norm blocks (RMSNorm or LayerNorm), causal self-attention through
 dtype allows it), rotary position embeddings, a GELU MLP and an optionally
 tied output embedding. Kernels are ``[fan_in, fan_out]`` Dense layouts, the
 layout :func:`cgf_optax.decompose` and :func:`cgf_optax.context_align`
-assume, and every kernel carries a partitioning annotation (mesh axis names
-``"data"`` and ``"model"``) that :mod:`cgf_optax.train.sharding` can use.
+assume, and with ``partitioned=True`` every kernel carries a partitioning
+annotation (mesh axis names ``"data"`` and ``"model"``) that
+:mod:`cgf_optax.train.parallel` uses.
 """
 
 from __future__ import annotations
@@ -176,7 +177,9 @@ class Block(nnx.Module):
     self.attention_impl = cfg.attention_impl
     self.norm1 = _norm(cfg, rngs)
     # Megatron-style tensor parallelism: column-parallel qkv/up, row-parallel
-    # out/down; the other axis is where FSDP shards.
+    # out/down; the other axis is where FSDP shards. The qkv columns are
+    # heads-major ([heads, 3, head_dim]), so a "model" split of them keeps
+    # each head's q, k and v on one device (attention runs head-parallel).
     self.qkv = nnx.Linear(d, 3 * d, use_bias=False,
                           kernel_init=_init(cfg, cfg.init_std, ("data", "model")),
                           **kw)
@@ -193,11 +196,11 @@ class Block(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, t, d = x.shape
     h = self.num_heads
-    qkv = self.qkv(self.norm1(x)).reshape(b, t, 3, h, d // h)
+    qkv = self.qkv(self.norm1(x)).reshape(b, t, h, 3, d // h)
     positions = jnp.arange(t)
-    q = _rope(qkv[:, :, 0], positions)
-    k = _rope(qkv[:, :, 1], positions)
-    a = jax.nn.dot_product_attention(q, k, qkv[:, :, 2], is_causal=True,
+    q = _rope(qkv[:, :, :, 0], positions)
+    k = _rope(qkv[:, :, :, 1], positions)
+    a = jax.nn.dot_product_attention(q, k, qkv[:, :, :, 2], is_causal=True,
                                      implementation=self.attention_impl)
     x = x + self.out(a.reshape(b, t, d))
     return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))

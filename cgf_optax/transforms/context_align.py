@@ -12,6 +12,7 @@ import optax
 from optax._src import numerics
 
 from cgf_optax import _validation as v
+from cgf_optax.transforms import _collectives as coll
 from cgf_optax.transforms._leaves import path_str
 from cgf_optax.transforms._state import is_placeholder, not_params
 
@@ -40,6 +41,7 @@ def context_align(
     eps: float = 1e-12,
     *,
     require_context: bool = True,
+    axis_name: coll.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Amplifies each kernel's gradient along the directions its context occupies.
 
@@ -76,6 +78,23 @@ def context_align(
   to the output; a pooled context that is not finite is not folded into the
   EMA (a finite one is, whatever the gradient).
 
+  Sharding: under :func:`jax.jit` the pooling is over all tokens of the
+  (sharded) batch, as a contraction over tokens (a batch-sharded context is
+  reduced as ``[H, n_in]`` partial sums, not gathered); the EMA ``[H, d]``
+  follows the kernel's fan-in sharding (:mod:`cgf_optax.sharding`), and the
+  update :math:`G + \gamma Q Q^\top G` is local to each block of :math:`G`
+  but for the ``[H, n_out]`` reduction of :math:`Q^\top G` over the fan-in:
+  no whole kernel or context is gathered.
+  Inside :func:`jax.shard_map`, where each device holds a slice of the
+  batch, ``axis_name`` names the mesh axes it is split over: the softmax
+  pooling then runs over the tokens of every device (a ``pmax`` of the
+  scores and a ``psum`` of the softmax's numerator and denominator, ``[H, d]``
+  and ``[H]`` per kernel), so the pooled context, its EMA and the update are
+  those of the whole batch, on every device. The kernels must be whole on
+  each device there (data parallel, gradients already averaged): a kernel
+  split along its fan-in inside ``shard_map`` is not supported (use
+  ``jax.jit`` sharding for FSDP or tensor parallelism).
+
   Args:
     num_heads: :math:`H`, must divide the fan-in of every kernel given a
       context.
@@ -85,6 +104,9 @@ def context_align(
       :math:`Q`.
     require_context: raise if ``update`` is called without ``context=``
       (set ``False`` to let such calls pass everything through).
+    axis_name: inside :func:`jax.shard_map`, the mesh axis name(s) over which
+      the batch (the context's tokens) is split; ``None``: pool over the
+      tokens given.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` taking
@@ -116,6 +138,7 @@ def context_align(
     raise ValueError(f"`rho` must be < 1, got {float(rho)}.")
   eps = v.number("eps", eps, minimum=0.0)
   require_context = v.boolean("require_context", require_context)
+  batch_axes = coll.axis_names("axis_name", axis_name)
 
   def heads_of(leaf: Any) -> int | None:
     if leaf.ndim < 2 or leaf.shape[0] % num_heads or leaf.shape[0] == 0:
@@ -185,7 +208,7 @@ def context_align(
             f"context_align: num_heads={num_heads} does not divide the fan-in "
             f"{g.shape[0]} of '{path}' (kernel shape {g.shape}).")
       e, m, k = _align(g, c, ctx_states[i], step_states[i], num_heads, gamma,
-                       rho, eps)
+                       rho, eps, batch_axes)
       out.append(e)
       new_ctx[i], new_steps[i] = m, k
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
@@ -196,21 +219,39 @@ def context_align(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _align(g, c, m, k, num_heads, gamma, rho, eps):
-  """One leaf: pool the context, update its EMA, amplify ``g`` along it."""
+def _align(g, c, m, k, num_heads, gamma, rho, eps, batch_axes=()):
+  """One leaf: pool the context, update its EMA, amplify ``g`` along it.
+
+  With ``batch_axes`` (inside ``shard_map``) the softmax over tokens spans
+  the tokens of every device along them.
+  """
   n_in = g.shape[0]
   d = n_in // num_heads
   # Tokens stay [N, n_in] (no per-head reshape of the large context, which
   # costs a transpose on some backends): scores come from one matmul with
-  # the block-diagonal query [n_in, H], pooling from one fused reduction.
+  # the block-diagonal query [n_in, H], pooling from one matmul over the
+  # tokens, alphaᵀ C [H, n_in], whose block diagonal is kept. A contraction
+  # over tokens is what a batch-sharded context needs: XLA reduces [H, n_in]
+  # partial sums across devices instead of gathering the context.
   tokens = c.reshape(-1, n_in).astype(jnp.float32)                 # [N, n_in]
   bias = 1 - rho ** k.astype(jnp.float32)
   m_hat = jnp.where(k > 0, m / jnp.where(k > 0, bias, 1.0), 0.0)  # [H, d]
   head_of = jnp.repeat(jnp.eye(num_heads, dtype=jnp.float32), d, axis=0)
   query = m_hat.reshape(n_in, 1) * head_of                         # [n_in, H]
   scores = (tokens @ query) / math.sqrt(d)                         # [N, H]
-  alpha = jax.nn.softmax(scores, axis=0)                           # over tokens
-  pooled = jnp.sum(tokens * jnp.repeat(alpha, d, axis=1), axis=0)
+  if batch_axes:
+    # softmax over the tokens of all devices: global max, then psum of the
+    # numerator [n_in] and the denominator [H].
+    top = jax.lax.pmax(jnp.max(jax.lax.stop_gradient(scores), axis=0),
+                       batch_axes)
+    w = jnp.exp(scores - top)                                      # [N, H]
+    num = jax.lax.psum(jnp.sum((w.T @ tokens) * head_of.T, axis=0),
+                       batch_axes)
+    den = jax.lax.psum(jnp.sum(w, axis=0), batch_axes)
+    pooled = num / jnp.repeat(den, d)
+  else:
+    alpha = jax.nn.softmax(scores, axis=0)                         # over tokens
+    pooled = jnp.sum((alpha.T @ tokens) * head_of.T, axis=0)
   pooled = pooled.reshape(num_heads, d)
   finite = jnp.all(jnp.isfinite(pooled))
   new_m = jnp.where(finite, rho * m + (1 - rho) * pooled, m)

@@ -10,6 +10,7 @@ import optax
 from optax._src import numerics
 
 from cgf_optax import _validation as v
+from cgf_optax.transforms import _collectives as coll
 from cgf_optax.transforms._state import is_placeholder
 
 
@@ -36,6 +37,7 @@ def entangle(
     lam_bounds: tuple[float, float] = (0.05, 1.0),
     *,
     state_dtype: Any = None,
+    axis_name: coll.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Entangles the gradient with its history, :math:`\lambda G + (1-\lambda) G_{t-1}`.
 
@@ -64,12 +66,22 @@ def entangle(
   enter :math:`G_{t-1}` (they pass through to the output), nor do entries too
   large for ``state_dtype`` (they keep their last value).
 
+  Sharding: the mixing is element-wise, so :math:`G_{t-1}` is sharded like
+  the params and nothing is communicated. Under :func:`jax.jit` the loss is
+  the global one. Inside :func:`jax.shard_map`, where each device computes
+  the loss of its own slice of the batch, ``axis_name`` names the mesh axes
+  the batch is split over: the loss is averaged over them (``pmean``), so λ
+  adapts to the loss of the whole batch, identically on every device (exact
+  for equal slices; a loss already averaged is unchanged).
+
   Args:
     lam: initial λ, within ``lam_bounds``.
     adapt_rate: :math:`\Delta\lambda` (0 disables adaptation).
     lam_bounds: ``(lo, hi)`` with ``0 <= lo <= hi <= 1``.
     state_dtype: dtype of :math:`G_{t-1}` (default: the gradient's; bfloat16
       halves the state's memory traffic).
+    axis_name: inside :func:`jax.shard_map`, the mesh axis name(s) over which
+      the batch is split; the loss ``value`` is averaged over them.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` taking ``value=loss``.
@@ -101,6 +113,7 @@ def entangle(
   adapt_rate = v.number("adapt_rate", adapt_rate, minimum=0.0)
   state_dtype = (None if state_dtype is None
                  else v.float_dtype("state_dtype", state_dtype))
+  batch_axes = coll.axis_names("axis_name", axis_name)
 
   def init_fn(params: Any) -> EntangleState:
     if not is_placeholder(params):
@@ -141,6 +154,8 @@ def entangle(
       if loss.shape != ():
         raise ValueError(
             f"entangle: `value` must be the scalar loss, got shape {loss.shape}.")
+      if batch_axes:
+        loss = jax.lax.pmean(loss, batch_axes)
       ok = jnp.isfinite(loss)
       have_prev = jnp.isfinite(state.prev_loss)
       denom = jnp.maximum(jnp.abs(state.prev_loss), 1e-12)

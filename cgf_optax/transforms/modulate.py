@@ -10,6 +10,7 @@ import optax
 from optax._src import numerics
 
 from cgf_optax import _validation as v
+from cgf_optax.transforms import _collectives as coll
 from cgf_optax.transforms._scales import is_scales
 from cgf_optax.transforms._state import is_placeholder
 
@@ -56,6 +57,7 @@ def modulate_by_gradient_norm(
     eps: float = 1e-12,
     *,
     ema_decay: float = 0.99,
+    axis_name: coll.LeafAxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Multiplies the updates by :math:`1 + \|\nabla_\text{adj}\| / \|\nabla\theta_0\|`.
 
@@ -84,12 +86,29 @@ def modulate_by_gradient_norm(
   non-finite, pass through multiplied by the factor computed as if the norm
   were 0, i.e. 1).
 
+  Sharding: under :func:`jax.jit` on sharded updates the norms are global
+  (XLA reduces across devices; no whole leaf is gathered) and the state is a
+  few replicated scalars. Inside :func:`jax.shard_map`, ``axis_name`` names
+  the mesh axes over which the updates' leaves are *split* (each device
+  holds a different block, as FSDP or tensor-parallel params do): every
+  leaf's squared norm is ``psum``-ed over them (one collective per distinct
+  set of axes), so the factor is the unsharded one on every device. Data
+  parallelism with gradients already averaged (``pmean``) needs no
+  ``axis_name``: the gradient is whole on every device, and summing it over
+  the data axis would count it once per device. For trees that mix split and
+  replicated leaves (FSDP with replicated biases), give a function
+  ``path -> axes`` (see :func:`cgf_optax.sharding.split_axes`).
+
   Args:
     reference: ``"first"`` (the paper) or ``"ema"``.
     max_factor: upper bound of the factor (>= 1), or ``None``.
     scope: ``"global"`` (one norm for the whole tree) or ``"leaf"``.
     eps: lower bound of the denominator.
     ema_decay: decay of the norm EMA for ``reference="ema"``.
+    axis_name: inside :func:`jax.shard_map`, the mesh axis name(s) over which
+      the updates' leaves are split, or a function of the leaf path
+      (``'blocks/0/qkv/kernel'``) giving them (``None`` or ``()`` for a
+      replicated leaf); ``None``: no collective.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -114,6 +133,8 @@ def modulate_by_gradient_norm(
   ema_decay = v.number("ema_decay", ema_decay, minimum=0.0, maximum=1.0)
   if not v.is_traced(ema_decay) and float(ema_decay) >= 1:
     raise ValueError(f"`ema_decay` must be < 1, got {float(ema_decay)}.")
+  axes_of = coll.leaf_axis_names("axis_name", axis_name)
+  sharded = axis_name is not None
 
   def scalars(params: Any, value: float, dtype: Any) -> Any:
     if scope == "global" or is_placeholder(params):
@@ -156,13 +177,24 @@ def modulate_by_gradient_norm(
     del params, extra_args
     v.real_float_leaves("modulate_by_gradient_norm", updates, "updates")
     if scope == "global":
-      norm = jnp.sqrt(_sq_norm(updates))
+      if sharded:
+        parts, paths = coll.leaves_with_paths(updates, is_scales)
+        norm = jnp.sqrt(coll.global_sq_norm(parts, paths, axes_of))
+      else:
+        norm = jnp.sqrt(_sq_norm(updates))
       factor, ref, steps, norm, finite = step(norm, state.reference,
                                               state.ref_steps)
       out = jax.tree.map(lambda u: (u * factor).astype(u.dtype), updates)
     else:
-      norms = jax.tree.map(lambda u: jnp.sqrt(_sq_norm(u)), updates,
-                           is_leaf=is_scales)
+      if sharded:
+        parts, paths = coll.leaves_with_paths(updates, is_scales)
+        sq = coll.sq_norms(parts, paths, axes_of)
+        norms = jax.tree.unflatten(
+            jax.tree.structure(updates, is_leaf=is_scales),
+            [jnp.sqrt(x) for x in sq])
+      else:
+        norms = jax.tree.map(lambda u: jnp.sqrt(_sq_norm(u)), updates,
+                             is_leaf=is_scales)
       res = jax.tree.map(step, norms, state.reference, state.ref_steps)
       treedef = jax.tree.structure(norms)
       flat = treedef.flatten_up_to(res)   # [(factor, ref, ...) per leaf]
@@ -194,6 +226,7 @@ def modulate_step(
     eps: float = 1e-12,
     *,
     ema_decay: float = 0.99,
+    axis_name: coll.LeafAxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``inner`` and scales its output by the factor of its *input*'s norm.
 
@@ -216,6 +249,10 @@ def modulate_step(
     scope: see :func:`modulate_by_gradient_norm`.
     eps: see :func:`modulate_by_gradient_norm`.
     ema_decay: see :func:`modulate_by_gradient_norm`.
+    axis_name: see :func:`modulate_by_gradient_norm` (inside
+      :func:`jax.shard_map`: the axes the leaves are split over; the
+      finiteness check then agrees on every device). ``inner`` must be
+      element-wise (Adam is) or do its own reductions.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` with state
@@ -234,7 +271,8 @@ def modulate_step(
   """
   inner = optax.with_extra_args_support(v.transformation("inner", inner))
   modulation = modulate_by_gradient_norm(
-      reference, max_factor, scope, eps, ema_decay=ema_decay)
+      reference, max_factor, scope, eps, ema_decay=ema_decay,
+      axis_name=axis_name)
 
   def init_fn(params: Any) -> ModulateStepState:
     return ModulateStepState(modulation=modulation.init(params),

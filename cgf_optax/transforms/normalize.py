@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from cgf_optax import _validation as v
+from cgf_optax.transforms import _collectives as coll
 from cgf_optax.transforms._state import is_placeholder
 
 SCOPES = ("leaf", "global")
@@ -29,7 +30,8 @@ def _norm(x: jax.Array) -> jax.Array:
 
 
 def normalize(
-    scope: str = "leaf", eps: float = 1e-8
+    scope: str = "leaf", eps: float = 1e-8, *,
+    axis_name: coll.LeafAxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales the updates to unit norm, :math:`\hat G = E / (\|E\|_2 + \epsilon)`.
 
@@ -40,9 +42,22 @@ def normalize(
   global norm. Norms are computed in float32; the output keeps the input's
   dtype.
 
+  Sharding: under :func:`jax.jit` on sharded updates the norms are of the
+  whole leaves (XLA reduces across devices; nothing is gathered). Inside
+  :func:`jax.shard_map`, ``axis_name`` names the mesh axes over which the
+  leaves are *split* (FSDP or tensor-parallel blocks): each squared norm is
+  ``psum``-ed over them (one collective per distinct set of axes). Data
+  parallelism with gradients already averaged needs none (a whole gradient
+  summed over the data axis would count once per device); for trees that
+  mix split and replicated leaves give ``path -> axes`` (see
+  :func:`cgf_optax.sharding.split_axes`).
+
   Args:
     scope: ``"leaf"`` or ``"global"``.
     eps: :math:`\epsilon \ge 0`.
+    axis_name: inside :func:`jax.shard_map`, the mesh axis name(s) over which
+      the leaves are split, or a function of the leaf path giving them
+      (``None`` or ``()``: replicated); ``None``: no collective.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -58,6 +73,8 @@ def normalize(
   """
   scope = v.choice("scope", scope, SCOPES)
   eps = v.number("eps", eps, minimum=0.0)
+  axes_of = coll.leaf_axis_names("axis_name", axis_name)
+  sharded = axis_name is not None
 
   def init_fn(params: Any) -> NormalizeState:
     if scope == "global" or is_placeholder(params):
@@ -80,12 +97,23 @@ def normalize(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     v.real_float_leaves("normalize", updates, "updates")
+    if sharded:
+      leaves, paths = coll.leaves_with_paths(updates)
     if scope == "global":
-      norm = jnp.sqrt(sum((jnp.square(_norm(u)) for u in jax.tree.leaves(updates)),
-                          start=jnp.zeros([], jnp.float32)))
+      if sharded:
+        norm = jnp.sqrt(coll.global_sq_norm(leaves, paths, axes_of))
+      else:
+        norm = jnp.sqrt(sum((jnp.square(_norm(u))
+                             for u in jax.tree.leaves(updates)),
+                            start=jnp.zeros([], jnp.float32)))
       out = jax.tree.map(lambda u: divide(u, norm), updates)
       return out, NormalizeState(norm=keep_finite(norm, state.norm))
-    norms = jax.tree.map(_norm, updates)
+    if sharded:
+      norms = jax.tree.unflatten(
+          jax.tree.structure(updates),
+          [jnp.sqrt(x) for x in coll.sq_norms(leaves, paths, axes_of)])
+    else:
+      norms = jax.tree.map(_norm, updates)
     out = jax.tree.map(divide, updates, norms)
     return out, NormalizeState(
         norm=jax.tree.map(keep_finite, norms, state.norm))
