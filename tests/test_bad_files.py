@@ -95,7 +95,9 @@ def test_truncated_checkpoint(run_dir, capsys):
     ("meta/metadata", "empty", "is empty"),
     ("state/_METADATA", "truncate", "is not valid JSON"),
     ("state/_METADATA", "delete", "is missing"),
-    ("state/manifest.ocdbt", "truncate", "manifest.ocdbt"),
+    ("state/manifest.ocdbt", "truncate", "is truncated"),
+    ("state/ocdbt.process_0/manifest.ocdbt", "truncate", "is truncated"),
+    ("state/ocdbt.process_0/manifest.ocdbt", "empty", "is empty"),
     ("state/manifest.ocdbt", "empty", "is empty"),
     ("state/array_metadatas/process_0", "empty", "is empty"),
 ])
@@ -109,8 +111,7 @@ def test_damaged_checkpoint_file_is_named(run_dir, capsys, name, damage,
   else:
     f.unlink()
   _refused([*ARGS, "--out", str(run_dir), "--resume"], capsys, run_dir,
-           str(f) if damage != "truncate" or name != "state/manifest.ocdbt"
-           else name, problem, "checkpoints/4")
+           str(f), problem, "checkpoints/4")
 
 
 def test_checkpoint_of_a_different_model_size(run_dir, capsys):
@@ -214,3 +215,35 @@ def test_binary_data_file(run_dir, tmp_path, capsys):
   blob.write_bytes(bytes(range(256)) * 16)
   _refused([*ARGS, "--out", str(run_dir), "--resume", "--data", str(blob)],
            capsys, run_dir, str(blob), "looks binary")
+
+
+def test_only_abandoned_restore_reads_are_silenced(monkeypatch):
+  """The hook a restore installs drops Orbax's abandoned-read noise and
+  passes every other unraisable exception on."""
+  import types
+
+  from cgf_optax.train import checkpoint
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  checkpoint._quiet_abandoned_reads()
+  checkpoint._quiet_abandoned_reads()      # idempotent: wraps once
+  hook = sys.unraisablehook
+
+  def unraisable(exc, obj=None):
+    return types.SimpleNamespace(exc_value=exc, object=obj)
+
+  hook(unraisable(RuntimeError("Event loop is closed")))
+
+  async def _read_array_index_and_device_put():  # a coroutine like Orbax's
+    pass
+  coro = _read_array_index_and_device_put()
+  coro.close()
+  orbax_like = types.SimpleNamespace(cr_code=types.SimpleNamespace(
+      co_filename="/x/orbax/checkpoint/serialization.py"))
+  hook(unraisable(Exception("reading array index"), orbax_like))
+  assert seen == []
+  other = [unraisable(RuntimeError("something else")),
+           unraisable(Exception("x"), coro)]
+  for u in other:
+    hook(u)
+  assert seen == other

@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,55 @@ TRASH = "_deleted"
 _FILES = (("meta/metadata", True, True), ("state/_METADATA", True, True),
           ("state/manifest.ocdbt", False, True),
           ("state/array_metadatas/process_0", True, False))
+
+
+# An OCDBT manifest starts with this magic number (big-endian) followed by
+# the file's total length (little-endian uint64); TensorStore checks a CRC
+# at the end, but its error for a short file does not always name the file.
+_OCDBT_MAGIC = 0x0CDB3A2A
+
+
+def _manifest_problem(f: Path) -> str | None:
+  """Why the OCDBT manifest ``f`` is unusable, or None if its header and
+  length are consistent."""
+  data = f.read_bytes()
+  if len(data) < 12:
+    return f"is truncated ({len(data)} bytes, shorter than its header)"
+  magic, = struct.unpack(">I", data[:4])
+  if magic != _OCDBT_MAGIC:
+    return "is not an OCDBT manifest (bad magic number)"
+  length, = struct.unpack("<Q", data[4:12])
+  if length != len(data):
+    return f"is truncated or damaged ({len(data)} bytes, header says {length})"
+  return None
+
+
+def _quiet_abandoned_reads() -> None:
+  """Silences the reads a failed restore leaves behind.
+
+  When one TensorStore read fails, Orbax closes its event loop while the
+  other reads are still in flight; their completion callbacks then raise
+  ``RuntimeError('Event loop is closed')`` in TensorStore's threads, and
+  Orbax's never-awaited read coroutines are collected with their errors.
+  Python reports both through :func:`sys.unraisablehook` as a page of
+  tracebacks after our one-line error. Only these two are dropped; anything
+  else goes to the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_cgf_optax_quiet", False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      return
+    code = getattr(unraisable.object, "cr_code", None)   # a coroutine
+    if code is not None and "orbax" in code.co_filename:
+      return
+    previous(unraisable)
+
+  hook._cgf_optax_quiet = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
 
 
 class CheckpointError(ValueError):
@@ -137,12 +188,21 @@ class RunCheckpointer:
                               "missing")
       if f.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {where} is corrupt: {f} is empty")
+      if name.endswith(".ocdbt"):
+        problem = _manifest_problem(f)
+        if problem:
+          raise CheckpointError(f"checkpoint {where} is corrupt: {f} {problem}")
       if is_json:
         try:
           json.loads(f.read_bytes())
         except (ValueError, OSError) as e:
           raise CheckpointError(f"checkpoint {where} is corrupt: {f} is not "
                                 f"valid JSON ({e})") from None
+    for f in sorted((where / "state").glob("ocdbt.process_*/manifest.ocdbt")):
+      problem = ("is empty" if f.stat().st_size == 0
+                 else _manifest_problem(f))
+      if problem:
+        raise CheckpointError(f"checkpoint {where} is corrupt: {f} {problem}")
 
   def restore(self, target: Any, expect: dict[str, Any]
               ) -> tuple[int, Any, dict[str, Any]]:
@@ -173,6 +233,7 @@ class RunCheckpointer:
       self._check_files(where)
     except CheckpointError as e:
       raise CheckpointError(f"{e}{hint}") from None
+    _quiet_abandoned_reads()   # before: a failing read reports mid-restore
     try:
       meta = self._manager.restore(
           step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
