@@ -93,7 +93,54 @@ def test_smoke_protocol_end_to_end(tmp_path):
   for r, s in zip(runs, main["arms"]["adamw"]["steps_to_target"]["per_seed"],
                   strict=True):
     assert s == harness.steps_to(r["steps"], r["curve"]["test"], target)
+  # --arms: one more arm merged in; the others and the target untouched.
+  run.run(["--preset", "smoke", "--arms", "cgfm_flow_only",
+           "--out", str(tmp_path)])
+  merged = json.loads((tmp_path / "main.json").read_text())
+  assert set(merged["arms"]) == {"adamw", "ema_adamw", "cgfm_flow_only"}
+  for name in ("adamw", "ema_adamw"):
+    assert merged["arms"][name] == main["arms"][name]
+    assert merged["runs"][name] == main["runs"][name]
+  assert merged["target_test_bits"] == target
+  flow_arm = merged["arms"]["cgfm_flow_only"]
+  assert flow_arm["group"] == "cgfm-ablation" and flow_arm["test"]["n"] == 2
+  for r, s in zip(merged["runs"]["cgfm_flow_only"],
+                  flow_arm["steps_to_target"]["per_seed"], strict=True):
+    assert s == harness.steps_to(r["steps"], r["curve"]["test"], target)
+  assert merged["merged"][-1]["arms"] == ["cgfm_flow_only"]
   mem = json.loads((tmp_path / "memory.json").read_text())["state_bytes"]
   # AdamW keeps two moments: twice the parameters; the EMA adds a third.
   assert mem["bench"]["adamw"] >= 2 * mem["bench"]["params_bytes"]
   assert mem["bench"]["ema_adamw"] > mem["bench"]["adamw"]
+
+
+def test_arms_option_refuses_other_experiments(capsys):
+  with pytest.raises(SystemExit) as e:
+    run.parse(["--arms", "adamw", "--only", "noise"])
+  assert e.value.code == 2
+  assert "--arms applies to the 'main' experiment only" in (
+      capsys.readouterr().err)
+
+
+def test_arms_merge_needs_an_existing_main(tmp_path):
+  with pytest.raises(FileNotFoundError, match="run the whole 'main'"):
+    run.run(["--preset", "smoke", "--arms", "adamw", "--out", str(tmp_path)])
+
+
+def test_flow_arm_changes_the_gradient_not_the_forward():
+  """The flow arm's loss equals AdamW's (identity forward) while its
+  gradient differs (λ_global = 0.5 reweights the causal mean part)."""
+  setup = run.PRESETS["smoke"].setup
+  graphdef, params = harness.init_params(setup, 0)
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)))
+  y = jnp.roll(x, -1, axis=1)
+  out = {}
+  for name in ("adamw", "cgfm_flow_only"):
+    t = harness.Trainer(arms.ARMS[name], setup, graphdef)
+    (loss, _), g = jax.value_and_grad(t._logits_loss, has_aux=True)(
+        params, x, y)
+    out[name] = (loss, g)
+  assert out["adamw"][0] == out["cgfm_flow_only"][0]
+  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                      out["adamw"][1], out["cgfm_flow_only"][1])
+  assert max(jax.tree.leaves(diff)) > 1e-4

@@ -49,6 +49,10 @@ class Arm:
     group: ``main``, ``peer``, ``cgfm-ablation`` or ``cegm-ablation``.
     context: the optimizer takes the model's context and the loss.
     reg_beta: weight of CEGM's entanglement regularizer in the loss (0: off).
+    flow: activation-level gradient flow after every block, as
+      ``(mode, (λ_local, λ_global) of the first block, (λ_local, λ_global)
+      of the last)`` for :func:`cgf_optax.flow.gradient_flow` with a linear
+      :func:`cgf_optax.flow.depth_schedule`; None: off.
     doc: what the arm is, for the report.
   """
 
@@ -58,6 +62,7 @@ class Arm:
   group: str
   context: bool = False
   reg_beta: float = 0.0
+  flow: tuple[str, tuple[float, float], tuple[float, float]] | None = None
   doc: str = ""
 
 
@@ -196,6 +201,13 @@ def _arms() -> dict[str, Arm]:
       Arm("cgfm_temporal", lambda s, wd: c.cgfm_adamw(
           s, weight_decay=wd, mask=decay_mask, strategy="temporal"), ADAM_LR,
           "cgfm-ablation", doc="cgfm_adamw, strategy=temporal"),
+      # The model side of CGFM (cgf_optax.flow), with the λs of the
+      # optimizer side's defaults (local 1, global 0.5), chosen a priori.
+      Arm("cgfm_flow_only", lambda s, wd: optax.adamw(
+          s, weight_decay=wd, mask=decay_mask), ADAM_LR, "cgfm-ablation",
+          flow=("causal", (1.0, 0.5), (1.0, 0.5)),
+          doc="AdamW + gradient_flow(causal, λ_local 1, λ_global 0.5) "
+              "after every block (activation-level decomposition only)"),
       # CEGM ablations.
       Arm("cegm_entangle_only", lambda s, wd: _adamw(
           s, wd, c.entangle(0.9, adapt_rate=0.1)), ADAM_LR, "cegm-ablation",

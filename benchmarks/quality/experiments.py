@@ -131,10 +131,27 @@ def _stat(values: list[Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------- main
 
-def main(preset: Preset, out: Path, command: str) -> dict[str, Any]:
-  """Equal tuning, seeds, steps/time to AdamW's loss, variability, memory."""
+def main(preset: Preset, out: Path, command: str, merge: bool = False
+         ) -> dict[str, Any]:
+  """Equal tuning, seeds, steps/time to AdamW's loss, variability, memory.
+
+  With ``merge``, the arms run (``preset.arms``, typically a new one) are
+  added to (or replace their entries in) an existing ``main.json`` of the
+  same setup, and their steps/time to AdamW's loss are measured against the
+  target stored there; the other arms are not re-run.
+  """
   setup = preset.setup
   data = shakespeare_data()
+  old: dict[str, Any] | None = None
+  if merge:
+    path = out / "main.json"
+    if not path.exists():
+      raise FileNotFoundError(f"--arms merges into {path}, which does not "
+                              "exist: run the whole 'main' experiment first")
+    old = json.loads(path.read_text())
+    if old["setup"] != dataclasses.asdict(setup):
+      raise ValueError(f"{path} was made with another setup "
+                       f"({old['setup']}); cannot merge")
   res = _header(preset, command)
   res["data"] = data.describe
   res["protocol"] = (
@@ -187,8 +204,12 @@ def main(preset: Preset, out: Path, command: str) -> dict[str, Any]:
     arms[name]["variability"] = {k: _stat([v[k] for v in var])
                                  for k in var[0]}
   # Steps and wall-clock to AdamW's final loss (on the fixed 'test' curve).
+  target = None
   if "adamw" in runs:
     target = float(np.mean([r.curve["test"][-1] for r in runs["adamw"]]))
+  elif old is not None:
+    target = old.get("target_test_bits")
+  if target is not None:
     res["target_test_bits"] = target
     for name, rs in runs.items():
       st = [r.steps_to(target) for r in rs]
@@ -198,6 +219,14 @@ def main(preset: Preset, out: Path, command: str) -> dict[str, Any]:
       arms[name]["reached"] = sum(s is not None for s in st)
   res["arms"] = arms
   res["runs"] = {n: [r.to_json() for r in rs] for n, rs in runs.items()}
+  if old is not None:
+    merged = dict(old)
+    merged["arms"] = {**old["arms"], **arms}
+    merged["runs"] = {**old.get("runs", {}), **res["runs"]}
+    merged["merged"] = [*old.get("merged", []),
+                        {"arms": list(arms), "command": command,
+                         "jax": res["jax"], "device": res["device"]}]
+    res = merged
   _write(out, "main", res)
   plots.main(res, out)
   return res

@@ -229,6 +229,10 @@ class Trainer:
     self.tx = optax.with_extra_args_support(
         optax.chain(*parts, arm.build(sched, setup.weight_decay)))
     self._chunk = None
+    if arm.flow:   # static per-layer numbers (λ = 1 is then exact)
+      sched = cgf_optax.flow.depth_schedule(setup.num_layers, *arm.flow[1:])
+      self._flow_lambdas = ([float(v) for v in np.asarray(sched.local)],
+                            [float(v) for v in np.asarray(sched.global_)])
 
   def _logits_loss(self, params, x, y):
     """(mean loss incl. regularizer, (ce, context))."""
@@ -240,6 +244,11 @@ class Trainer:
       with capture_context(model) as ctx:
         logits = model(x)
       ctx = dict(ctx)
+    elif arm.flow:
+      mode, (lam_l, lam_g) = arm.flow[0], self._flow_lambdas
+      logits = model(x, hidden_hook=lambda i, h: cgf_optax.flow.gradient_flow(
+          h, lam_l[i], lam_g[i], mode=mode))
+      ctx = None
     elif arm.reg_beta:
       hs: list[jax.Array] = []
       last = len(model.blocks) - 1
