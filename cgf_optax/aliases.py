@@ -20,7 +20,8 @@ from cgf_optax.transforms.scale import ScaleWeight, scale_by_scales
 # Arguments that fix shapes or Python control flow: list them in
 # `optax.inject_hyperparams(..., static_args=...)`.
 CGFM_STATIC_ARGS = ("strategy", "num_scales", "rank", "refresh_every",
-                    "intermediate_rank", "power_iters", "seed", "overrides")
+                    "intermediate_rank", "power_iters", "init_power_iters",
+                    "seed", "overrides")
 CEGM_STATIC_ARGS = ("num_heads",)
 
 
@@ -83,6 +84,7 @@ def cgfm(
     refresh_every: int = 10,
     intermediate_rank: int | None = None,
     power_iters: int = 1,
+    init_power_iters: int = 4,
     stagger: bool = False,
     local: ScaleWeight = 1.0,
     intermediate: ScaleWeight = 1.0,
@@ -123,6 +125,7 @@ def cgfm(
     refresh_every: see :func:`cgf_optax.decompose`.
     intermediate_rank: see :func:`cgf_optax.decompose`.
     power_iters: see :func:`cgf_optax.decompose`.
+    init_power_iters: see :func:`cgf_optax.decompose`.
     stagger: see :func:`cgf_optax.decompose`.
     local: :math:`\lambda_\text{local}`, see :func:`cgf_optax.scale_by_scales`.
     intermediate: :math:`\lambda_\text{int}`.
@@ -169,6 +172,7 @@ def cgfm(
   return optax.chain(
       decompose(strategy, num_scales, rank, refresh_every,
                 intermediate_rank=intermediate_rank, power_iters=power_iters,
+                init_power_iters=init_power_iters,
                 stagger=stagger, overrides=overrides, seed=seed),
       scale_by_scales(local=local, intermediate=intermediate, global_=global_),
       modulate_by_gradient_norm(reference, max_factor, scope,
@@ -193,6 +197,7 @@ def cgfm_adamw(
     refresh_every: int = 10,
     intermediate_rank: int | None = None,
     power_iters: int = 1,
+    init_power_iters: int = 4,
     stagger: bool = False,
     local: ScaleWeight = 1.0,
     intermediate: ScaleWeight = 1.0,
@@ -240,6 +245,7 @@ def cgfm_adamw(
     refresh_every: see :func:`cgf_optax.decompose`.
     intermediate_rank: see :func:`cgf_optax.decompose`.
     power_iters: see :func:`cgf_optax.decompose`.
+    init_power_iters: see :func:`cgf_optax.decompose`.
     stagger: see :func:`cgf_optax.decompose`.
     local: see :func:`cgf_optax.scale_by_scales`.
     intermediate: see :func:`cgf_optax.scale_by_scales`.
@@ -282,6 +288,7 @@ def cgfm_adamw(
   return optax.chain(
       decompose(strategy, num_scales, rank, refresh_every,
                 intermediate_rank=intermediate_rank, power_iters=power_iters,
+                init_power_iters=init_power_iters,
                 stagger=stagger, overrides=overrides, seed=seed),
       scale_by_scales(local=local, intermediate=intermediate, global_=global_),
       (modulate_step(adam, reference, max_factor, scope,

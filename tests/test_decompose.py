@@ -1,5 +1,7 @@
 """`cgf_optax.decompose` against the NumPy reference, and its properties."""
 
+import re
+
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
@@ -127,6 +129,39 @@ def test_matches_reference_more_power_iterations():
   tx = cgf_optax.decompose("lowrank", 3, **kw)
   rtx = ref.DecomposeRef("lowrank", 3, **kw)
   run_against_reference(tx, rtx, grad_sequence(rng, 5))
+
+
+def test_refresh_every_step_matches_reference():
+  """refresh_every=1 with equal iteration counts: the conditional-free path."""
+  rng = np.random.default_rng(3)
+  kw = dict(rank=2, refresh_every=1, power_iters=2, init_power_iters=2)
+  tx = cgf_optax.decompose("lowrank", 2, **kw)
+  rtx = ref.DecomposeRef("lowrank", 2, **kw)
+  run_against_reference(tx, rtx, grad_sequence(rng, 4))
+
+
+def _hlo_ops(tx, grads) -> dict[str, int]:
+  """Control-flow instructions of the compiled update."""
+  state = tx.init(grads)
+  text = jax.jit(tx.update).lower(grads, state).compile().as_text()
+  return {op: len(re.findall(rf"\b{op}\(", text))
+          for op in ("conditional", "while")}
+
+
+@pytest.mark.parametrize("kw, conditionals", [
+    (dict(refresh_every=1, power_iters=1, init_power_iters=1), 0),
+    (dict(refresh_every=1, power_iters=1, init_power_iters=4), 1),
+    (dict(refresh_every=10), 1),
+    (dict(refresh_every=10, stagger=True), 1),
+    (dict(refresh_every=10, power_iters=3, init_power_iters=5), 1),
+])
+def test_compiled_update_control_flow(kw, conditionals):
+  """At most one conditional (the refresh), never a device-side loop: the
+  subspace iterations are unrolled; none when every step refreshes the same
+  way."""
+  g = {"w": jnp.ones((6, 4)), "b": jnp.ones(4)}
+  ops = _hlo_ops(cgf_optax.decompose("lowrank", 2, rank=2, **kw), g)
+  assert ops == {"conditional": conditionals, "while": 0}
 
 
 @pytest.mark.parametrize("num_scales", [2, 3])

@@ -78,6 +78,7 @@ KINDS: dict[str, tuple[st.SearchStrategy, list[Any]]] = {
                NOT_NUMBERS + NON_FINITE),
     "pos_int": (st.integers(1, 3), NOT_INTS + [0, -1]),
     "int32": (st.integers(1, 3), NOT_INTS + [0, -1, 2**31, 2**40]),
+    "iters": (st.integers(1, 3), NOT_INTS + [0, -1, 65, 2**31]),
     "big_int": (st.one_of(st.integers(1, 4), st.just(2**40)),
                 NOT_INTS + [0, -3]),
     "seed": (st.one_of(st.integers(-2**63, 2**63 - 1)),
@@ -116,7 +117,8 @@ def _choice(*options: str) -> tuple[st.SearchStrategy, list[Any]]:
 DECOMPOSE_ARGS = {
     "strategy": _choice(*STRATEGIES), "num_scales": "num_scales",
     "rank": "big_int", "refresh_every": "int32",
-    "intermediate_rank": "big_int", "power_iters": "int32",
+    "intermediate_rank": "big_int", "power_iters": "iters",
+    "init_power_iters": "iters",
     "stagger": "bool", "overrides": "overrides", "seed": "seed",
 }
 SCALE_ARGS = {"local": "weight", "intermediate": "weight", "global_": "weight"}
@@ -148,7 +150,7 @@ SPECS: dict[str, dict[str, Any]] = {
                    "normalize_scope": _choice("leaf", "global"),
                    "normalize_eps": "small_nonneg",
                    "state_dtype": "dtype_or_none", **CEGM_AXES},
-    "decompose": {**DECOMPOSE_ARGS, "init_power_iters": "int32",
+    "decompose": {**DECOMPOSE_ARGS,
                   "fast_decay": "unit", "slow_decay": "unit",
                   "vector_scale": _choice("local", "global", "global_"),
                   "nd_rule": _choice("batch", "flatten"),

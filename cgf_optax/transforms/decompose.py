@@ -71,6 +71,10 @@ class _Plan(NamedTuple):
   k: int = 0                       # lowrank: size of the whole tracked basis
 
 
+# Largest power_iters / init_power_iters (unrolled in the compiled step).
+MAX_POWER_ITERS = 64
+
+
 def _as_rule(value: Any, path: str) -> LeafRule:
   if value is None:
     return LeafRule()
@@ -199,11 +203,15 @@ def decompose(
       matrices.
     num_scales: 2 (local, global) or 3 (local, intermediate, global).
     rank: ``lowrank``: dimension of the global subspace (clamped per leaf).
-    refresh_every: ``lowrank``: steps between basis refreshes (>= 1).
+    refresh_every: ``lowrank``: steps between basis refreshes (>= 1). With
+      ``refresh_every=1`` and ``init_power_iters == power_iters`` the
+      compiled step has no conditional at all, which on GPU keeps the host
+      from waiting for the device (see the README's performance section).
     intermediate_rank: ``lowrank`` with three scales: dimension of the
       intermediate band (default: ``rank``).
-    power_iters: subspace iterations per refresh.
-    init_power_iters: subspace iterations at step 0 (random start).
+    power_iters: subspace iterations per refresh (1 to 64; unrolled).
+    init_power_iters: subspace iterations at step 0 (random start; 1 to
+      64).
     stagger: spread the refreshes over the period: the low-rank leaves are
       split into ``refresh_every`` groups of about equal cost and group
       ``t % refresh_every`` is refreshed at step ``t`` (every leaf still once
@@ -254,11 +262,13 @@ def decompose(
     intermediate_rank = rank
   intermediate_rank = v.static_int(
       "intermediate_rank", intermediate_rank, minimum=1, **statics)
+  # The iterations are unrolled into the compiled step: a few are plenty
+  # for a warm-started basis; the bound keeps compilation finite.
   power_iters = v.static_int("power_iters", power_iters, minimum=1,
-                             maximum=v.INT32_MAX, **statics)
+                             maximum=MAX_POWER_ITERS, **statics)
   init_power_iters = v.static_int(
-      "init_power_iters", init_power_iters, minimum=1, maximum=v.INT32_MAX,
-      **statics)
+      "init_power_iters", init_power_iters, minimum=1,
+      maximum=MAX_POWER_ITERS, **statics)
   seed = v.static_int("seed", seed, minimum=-2**63, maximum=2**63 - 1,
                       **statics)
   fast_decay = v.number("fast_decay", fast_decay, minimum=0.0, maximum=1.0)
@@ -384,14 +394,17 @@ def decompose(
     fasts = treedef.flatten_up_to(state.fast)
     count = state.count
 
-    # 1. Refresh the low-rank bases: all leaves under one cond, or, with
-    #    `stagger`, one group of leaves per step (all of them at step 0).
+    # 1. Refresh the low-rank bases: all leaves under one conditional, or,
+    #    with `stagger`, one group of leaves per step (all of them at step 0).
+    #    Iteration counts are static (unrolled), so a branch is straight-line
+    #    code; with refresh_every = 1 and init_power_iters = power_iters no
+    #    conditional is needed at all (on GPU a conditional's predicate is
+    #    copied to the host, which stalls back-to-back dispatch).
     lr = [i for i, p in enumerate(plans) if p.kind == "lowrank"]
     if lr:
       mats = [plans[i].view.to_matrix(leaves[i]) for i in lr]
-      iters = jnp.where(count == 0, init_power_iters, power_iters)
 
-      def refresh_some(which):
+      def refresh_some(which, iters):
         def fn(qs):
           return [_refresh(g, q, iters, plans[i].rank, left=plans[i].left,
                            rotate=num_scales == 3) if j in which else q
@@ -399,15 +412,21 @@ def decompose(
         return fn
 
       qs = [bases[i] for i in lr]
-      everything = refresh_some(set(range(len(lr))))
-      if stagger and refresh_every > 1:
+      all_leaves = set(range(len(lr)))
+      first = refresh_some(all_leaves, init_power_iters)
+      if refresh_every == 1 and init_power_iters == power_iters:
+        new_qs = first(qs)
+      elif stagger and refresh_every > 1:
         groups = _balanced_groups([plans[i] for i in lr], refresh_every)
-        staggered = lambda qs: jax.lax.switch(
-            count % refresh_every, [refresh_some(g) for g in groups], qs)
-        new_qs = jax.lax.cond(count == 0, everything, staggered, qs)
+        branches = [first] + [refresh_some(g, power_iters) for g in groups]
+        new_qs = jax.lax.switch(
+            jnp.where(count == 0, 0, 1 + count % refresh_every), branches, qs)
       else:
-        new_qs = jax.lax.cond(count % refresh_every == 0, everything,
-                              lambda qs: qs, qs)
+        branches = [first, refresh_some(all_leaves, power_iters),
+                    lambda qs: qs]
+        index = jnp.where(count == 0, 0,
+                          jnp.where(count % refresh_every == 0, 1, 2))
+        new_qs = jax.lax.switch(index, branches, qs)
       bases = list(bases)
       for i, q in zip(lr, new_qs, strict=True):
         bases[i] = q
@@ -469,7 +488,7 @@ def _compute_dtype(g: jax.Array, q: jax.Array) -> Any:
   return jnp.promote_types(jnp.promote_types(g.dtype, q.dtype), jnp.float32)
 
 
-def _refresh(g: jax.Array, q: jax.Array, iters: jax.Array, rank: int, *,
+def _refresh(g: jax.Array, q: jax.Array, iters: int, rank: int, *,
              left: bool, rotate: bool) -> jax.Array:
   """Warm-started subspace iteration on ``g`` ``[batch, m, n]``.
 
@@ -481,13 +500,12 @@ def _refresh(g: jax.Array, q: jax.Array, iters: jax.Array, rank: int, *,
   q0 = q.astype(dt)
   coef = _coef_fn(left)
 
-  def body(_, q):
-    c = coef(g, q)                                   # Qᵀ G or G Q
+  qn = q0
+  for _ in range(iters):   # static: unrolled, no device-side loop
+    c = coef(g, qn)                                  # Qᵀ G or G Q
     gq = (_einsum("bmn,bkn->bmk", g, c) if left
           else _einsum("bmn,bmk->bnk", g, c))
-    return jnp.linalg.qr(gq)[0]
-
-  qn = jax.lax.fori_loop(0, iters, body, q0)
+    qn = jnp.linalg.qr(gq)[0]
   if rotate and q.shape[-1] > rank:
     c = coef(g, qn)
     gram = (_einsum("bkn,bjn->bkj", c, c) if left
