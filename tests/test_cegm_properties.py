@@ -16,10 +16,12 @@ a small fixed set so that JAX's per-shape caches are reused.
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -77,6 +79,9 @@ def test_entangle_with_lam_one_is_identity(seed, adapt_rate, values, dtype,
     assert float(state.lam) == 1.0
 
 
+F32_TINY = float(np.finfo(np.float32).tiny)
+
+
 @SETTINGS
 @given(
     lo=st.floats(0.0, 1.0),
@@ -88,9 +93,16 @@ def test_entangle_with_lam_one_is_identity(seed, adapt_rate, values, dtype,
 @example(lo=0.1, width=0.5, frac=0.5, adapt_rate=0.5,
          values=[3e38, -3e38, float("nan"), -float("inf"), 1.0])
 @example(lo=0.0, width=1.0, frac=0.5, adapt_rate=0.0, values=[0.0, -1e30])
+@example(lo=1.778212080680505e-42, width=0.0, frac=0.0, adapt_rate=0.0,
+         values=[0.0])
 def test_lam_stays_within_bounds(lo, width, frac, adapt_rate, values):
   hi = min(1.0, lo + width)
   lam = min(hi, max(lo, lo + frac * (hi - lo)))
+  if any(0 < x < F32_TINY for x in (lo, hi, lam)):
+    # float32 subnormals flush to 0 in XLA: refused, never silently 0.
+    with pytest.raises(ValueError, match="smallest normal"):
+      cgf_optax.entangle(lam=lam, adapt_rate=adapt_rate, lam_bounds=(lo, hi))
+    return
   tx = cgf_optax.entangle(lam=lam, adapt_rate=adapt_rate, lam_bounds=(lo, hi))
   params = jnp.zeros(2)
   state = tx.init(params)
@@ -303,3 +315,14 @@ def test_penalty_keeps_float64_precision():
     fd1, fd2 = _finite_differences(w1, w2, x, y, lam, 1e-5)
   np.testing.assert_allclose(g1, fd1, rtol=1e-6, atol=1e-8)
   np.testing.assert_allclose(g2, fd2, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(lam_bounds=(1e-42, 1.0), lam=0.5), "lam_bounds[0]"),
+    (dict(lam_bounds=(0.0, 1e-40), lam=0.0), "lam_bounds[1]"),
+    (dict(lam_bounds=(0.0, 1.0), lam=1e-39), "lam"),
+])
+def test_subnormal_lambda_is_refused(kw, name):
+  """λ is float32 and subnormals flush to 0: refused, not silently zero."""
+  with pytest.raises(ValueError, match=re.escape(f"`{name}`=")):
+    cgf_optax.entangle(**kw)

@@ -140,6 +140,33 @@ def test_refresh_every_step_matches_reference():
   run_against_reference(tx, rtx, grad_sequence(rng, 4))
 
 
+@pytest.mark.parametrize("num_scales", [2, 3])
+def test_same_shape_leaves_refresh_like_single_leaves(num_scales):
+  """Leaves of one shape share a batched QR; each must still get exactly
+  the basis it gets alone (and the NumPy reference's), including a zero
+  gradient (keeps its basis) next to non-zero ones."""
+  rng = np.random.default_rng(4)
+  shapes = {f"layer{i}/w": (8, 5) for i in range(3)} | {"odd": (5, 8)}
+  kw = dict(rank=2, intermediate_rank=1, refresh_every=2, power_iters=2,
+            init_power_iters=3)
+  seq = grad_sequence(rng, 4, shapes)
+  seq[2]["layer1/w"] = np.zeros((8, 5), np.float32)
+  together = cgf_optax.decompose("lowrank", num_scales, **kw)
+  rtx = ref.DecomposeRef("lowrank", num_scales, **kw)
+  state, _ = run_against_reference(together, rtx, seq)
+  start = ref.as_flat(together.init(to_jax(seq[0])).basis)
+  final = ref.as_flat(state.basis)
+  for path in shapes:
+    alone = cgf_optax.decompose("lowrank", num_scales, **kw)
+    st = alone.init(to_jax({path: seq[0][path]}))
+    st = st._replace(basis=ref.unflatten({path: jnp.asarray(start[path])}))
+    update = jax.jit(alone.update)
+    for g in seq:
+      _, st = update(to_jax({path: g[path]}), st)
+    np.testing.assert_allclose(ref.as_flat(st.basis)[path], final[path],
+                               rtol=1e-5, atol=1e-5, err_msg=path)
+
+
 def _hlo_ops(tx, grads) -> dict[str, int]:
   """Control-flow instructions of the compiled update."""
   state = tx.init(grads)

@@ -195,6 +195,11 @@ def _arms() -> dict[str, Arm]:
           c.modulate_step(optax.scale_by_adam(), max_factor=2.0),
           *_tail(s, wd)), ADAM_LR, "cgfm-ablation",
           doc="modulate_step(Adam, max_factor=2), no decomposition"),
+      Arm("cgfm_refresh1", lambda s, wd: c.cgfm_adamw(
+          s, weight_decay=wd, mask=decay_mask, refresh_every=1,
+          init_power_iters=1), ADAM_LR, "cgfm-ablation",
+          doc="cgfm_adamw, basis refreshed every step by one iteration (no "
+              "conditional in the compiled step: the GPU-friendly setting)"),
       Arm("cgfm_mean", lambda s, wd: c.cgfm_adamw(
           s, weight_decay=wd, mask=decay_mask, strategy="mean"), ADAM_LR,
           "cgfm-ablation", doc="cgfm_adamw, strategy=mean"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -406,9 +407,22 @@ def decompose(
 
       def refresh_some(which, iters):
         def fn(qs):
-          return [_refresh(g, q, iters, plans[i].rank, left=plans[i].left,
-                           rotate=num_scales == 3) if j in which else q
-                  for j, (g, q, i) in enumerate(zip(mats, qs, lr, strict=True))]
+          # Leaves of one shape (the layers of a transformer) share their
+          # QRs: one batched QR per shape instead of one per leaf.
+          groups: dict[Any, list[int]] = {}
+          for j in sorted(which):
+            p = plans[lr[j]]
+            key = (mats[j].shape[1:], mats[j].dtype, qs[j].shape[1:],
+                   qs[j].dtype, p.left, p.rank)
+            groups.setdefault(key, []).append(j)
+          out = list(qs)
+          for js in groups.values():
+            p = plans[lr[js[0]]]
+            new = _refresh([mats[j] for j in js], [qs[j] for j in js], iters,
+                           p.rank, left=p.left, rotate=num_scales == 3)
+            for j, q in zip(js, new, strict=True):
+              out[j] = q
+          return out
         return fn
 
       qs = [bases[i] for i in lr]
@@ -488,33 +502,48 @@ def _compute_dtype(g: jax.Array, q: jax.Array) -> Any:
   return jnp.promote_types(jnp.promote_types(g.dtype, q.dtype), jnp.float32)
 
 
-def _refresh(g: jax.Array, q: jax.Array, iters: int, rank: int, *,
-             left: bool, rotate: bool) -> jax.Array:
-  """Warm-started subspace iteration on ``g`` ``[batch, m, n]``.
+def _refresh(gs: list[jax.Array], q0s: list[jax.Array], iters: int,
+             rank: int, *, left: bool, rotate: bool) -> list[jax.Array]:
+  """Warm-started subspace iteration on leaves of one shape.
 
-  ``Q <- qr(G Gᵀ Q)`` for a basis on the fan-in side (``left``), else
-  ``Q <- qr(Gᵀ G Q)``; ``g`` is never transposed in memory.
+  For each ``g`` ``[batch, m, n]`` of ``gs``: ``Q <- qr(G Gᵀ Q)`` for a
+  basis on the fan-in side (``left``), else ``Q <- qr(Gᵀ G Q)``; ``g`` is
+  never transposed in memory. The matmuls run per leaf (no copy of a
+  gradient); the QRs of all leaves run as one batched QR.
+
+  A leaf whose gradient is all zero or not finite keeps its basis: ``G Gᵀ
+  Q`` is then zero or not finite, and so is checked on that small product
+  rather than on the gradient (which would cost one more pass over it).
   """
-  dt = _compute_dtype(g, q)
-  g = g.astype(dt)
-  q0 = q.astype(dt)
+  dt = _compute_dtype(gs[0], q0s[0])
+  gs = [g.astype(dt) for g in gs]
+  q0s_dt = [q.astype(dt) for q in q0s]
+  sizes = [g.shape[0] for g in gs]
   coef = _coef_fn(left)
-
-  qn = q0
+  qs, nonzero = q0s_dt, None
   for _ in range(iters):   # static: unrolled, no device-side loop
-    c = coef(g, qn)                                  # Qᵀ G or G Q
-    gq = (_einsum("bmn,bkn->bmk", g, c) if left
-          else _einsum("bmn,bmk->bnk", g, c))
-    qn = jnp.linalg.qr(gq)[0]
-  if rotate and q.shape[-1] > rank:
-    c = coef(g, qn)
-    gram = (_einsum("bkn,bjn->bkj", c, c) if left
-            else _einsum("bmk,bmj->bkj", c, c))
-    _, vecs = jnp.linalg.eigh(gram)
-    qn = qn @ vecs[..., ::-1]                        # descending order
-  sq = jnp.sum(jnp.square(g), axis=(-2, -1))
-  ok = jnp.isfinite(sq) & (sq > 0) & jnp.all(jnp.isfinite(qn), axis=(-2, -1))
-  return jnp.where(ok[:, None, None], qn, q0).astype(q.dtype)
+    gqs = []
+    for g, q in zip(gs, qs, strict=True):
+      c = coef(g, q)                                 # Qᵀ G or G Q
+      gqs.append(_einsum("bmn,bkn->bmk", g, c) if left
+                 else _einsum("bmn,bmk->bnk", g, c))
+    if nonzero is None:
+      nonzero = [jnp.any(gq != 0, axis=(-2, -1)) for gq in gqs]
+    stacked = gqs[0] if len(gqs) == 1 else jnp.concatenate(gqs, axis=0)
+    qn = jnp.linalg.qr(stacked)[0]
+    qs = ([qn] if len(gqs) == 1
+          else jnp.split(qn, list(itertools.accumulate(sizes[:-1])), axis=0))
+  out = []
+  for g, q0, q, q_orig, nz in zip(gs, q0s_dt, qs, q0s, nonzero, strict=True):
+    if rotate and q.shape[-1] > rank:
+      c = coef(g, q)
+      gram = (_einsum("bkn,bjn->bkj", c, c) if left
+              else _einsum("bmk,bmj->bkj", c, c))
+      _, vecs = jnp.linalg.eigh(gram)
+      q = q @ vecs[..., ::-1]                        # descending order
+    ok = nz & jnp.all(jnp.isfinite(q), axis=(-2, -1))
+    out.append(jnp.where(ok[:, None, None], q, q0).astype(q_orig.dtype))
+  return out
 
 
 def _explicit_spec(x: jax.Array) -> tuple[Any, ...] | None:

@@ -13,6 +13,8 @@ from cgf_optax import _validation as v
 from cgf_optax.transforms import _collectives as coll
 from cgf_optax.transforms._state import is_placeholder
 
+_F32_TINY = float(jnp.finfo(jnp.float32).tiny)
+
 
 class EntangleState(NamedTuple):
   """State of :func:`entangle`.
@@ -106,6 +108,14 @@ def entangle(
   if not v.is_traced(lo) and not v.is_traced(hi) and float(lo) > float(hi):
     raise ValueError(f"`lam_bounds` must have lo <= hi, got {lam_bounds!r}.")
   lam = v.number("lam", lam, minimum=0.0, maximum=1.0)
+  # λ is float32, and XLA flushes float32 subnormals to zero: a bound (or λ)
+  # in (0, 1.2e-38) would silently act as 0.
+  for name, x in (("lam_bounds[0]", lo), ("lam_bounds[1]", hi), ("lam", lam)):
+    if not v.is_traced(x) and 0.0 < float(x) < _F32_TINY:
+      raise ValueError(
+          f"`{name}`={float(x)!r} is below float32's smallest normal number "
+          f"({_F32_TINY:.3g}); λ is computed in float32, where it would flush "
+          "to 0: use 0.0 or a normal value.")
   if not any(map(v.is_traced, (lam, lo, hi))) and not (
       float(lo) <= float(lam) <= float(hi)):
     raise ValueError(f"`lam`={float(lam)} must lie within `lam_bounds`="
