@@ -90,7 +90,6 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
-import re  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -110,6 +109,11 @@ from cgf_optax.nnx import capture_context  # noqa: E402
 from cgf_optax.train.config import OptimizerSpec, TrainConfig  # noqa: E402
 from cgf_optax.train.model import GPT, PRESETS, GPTConfig, gpt_config  # noqa: E402
 from cgf_optax.train.optimizers import build_optimizer, uses_context  # noqa: E402
+
+ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT_DIR not in sys.path:
+  sys.path.insert(0, ROOT_DIR)
+from benchmarks._results import sanitize, write_json  # noqa: E402
 
 DEFAULT_ARMS = ("adamw", "cgfm_adamw/lowrank", "cgfm_adamw/mean",
                 "cgfm_adamw/temporal", "cgfm", "cegm_adamw", "cegm")
@@ -420,10 +424,6 @@ def run_arm(bench: Bench, arm: Arm, compiled: Any,
 # Report.
 
 
-def sanitize(s: str) -> str:
-  return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-") or "device"
-
-
 def add_ratios(rows: list[dict[str, Any]]) -> None:
   base = next((r for r in rows if r["optimizer"] == "adamw"), None)
   for r in rows:
@@ -707,12 +707,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   out = args.out or os.path.join(
       os.path.dirname(os.path.abspath(__file__)), "results",
       f"lm_throughput-{sanitize(dev.device_kind)}-{args.preset}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  tmp = out + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(tmp, out)
-  print(f"\nwrote {out}")
+  print(f"\nwrote {write_json(result, out)}")
   return result
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
-import json
 import platform
 import re
 import sys
@@ -61,12 +60,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
-from benchmarks.lm_throughput import (  # noqa: E402
-    REFRESH_EVERY,
-    Bench,
-    parse_arm,
-    sanitize,
-)
+from benchmarks._results import sanitize, write_json  # noqa: E402
+from benchmarks.lm_throughput import REFRESH_EVERY, Bench, parse_arm  # noqa: E402
 
 DEFAULT_ARMS = ("adamw", "cgfm_adamw/lowrank", "cgfm_adamw/mean", "cgfm",
                 "cegm_adamw", "cegm")
@@ -359,15 +354,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   out = Path(args.out or str(
       ROOT / "benchmarks" / "results" /
       f"profile_step-{sanitize(result['device'])}-{args.preset}.json"))
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=1))     # in case the rest dies
+  write_json(result, out)     # in case the rest dies
   if args.optimizer_size:
     print(f"\noptimizer step alone, {args.optimizer_size} "
           f"{args.optimizer_dtype}: XLA bytes accessed vs fused floor")
     result["optimizer_step"] = optimizer_bytes(
         args.optimizer_size, args.optimizer_dtype, args.context_tokens,
         args.optimizers)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(result, out)
   print(f"wrote {out}")
   return result
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import os
 import platform
@@ -69,6 +68,11 @@ import cgf_optax
 from cgf_optax.nnx import capture_context
 from cgf_optax.train import TrainConfig, data, loop, parse_optimizer_spec
 from cgf_optax.train.optimizers import build_optimizer, uses_context
+
+ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT_DIR not in sys.path:
+  sys.path.insert(0, ROOT_DIR)
+from benchmarks._results import write_json  # noqa: E402
 
 DEFAULT_OPTIMIZERS = (
     "adamw", "cgfm", "cgfm_adamw:strategy=lowrank", "cgfm_adamw:strategy=mean",
@@ -425,11 +429,7 @@ def _soak(args: argparse.Namespace, argv: list[str] | None,
       os.path.dirname(os.path.abspath(__file__)), "results",
       f"soak-{'cpu' if dev.platform == 'cpu' else dev.device_kind}.json"
       .replace(" ", "-"))
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out + ".tmp", "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(out + ".tmp", out)
-  print(f"wrote {out}")
+  print(f"wrote {write_json(result, out)}")
   return result
 
 

@@ -123,11 +123,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -141,6 +139,11 @@ import numpy as np
 import optax
 
 import cgf_optax
+
+ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT_DIR not in sys.path:
+  sys.path.insert(0, ROOT_DIR)
+from benchmarks._results import sanitize, write_json  # noqa: E402
 
 PRESETS = {
     # name: (layers, width, vocab)
@@ -400,10 +403,6 @@ def measure_bandwidth(nbytes: int, reps: int = 10) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------
 # Report.
-
-
-def sanitize(s: str) -> str:
-  return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-") or "device"
 
 
 def summarize(r: Runner, args, n_params: int, p_item: int,
@@ -692,12 +691,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       f"step_overhead-{sanitize(device_kind)}-{args.size}"
       f"{'-stacked' if args.stacked else ''}-{args.dtype}"
       f"{'-stagger' if args.stagger else ''}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  tmp = out + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(tmp, out)
-  print(f"\nwrote {out}")
+  print(f"\nwrote {write_json(result, out)}")
   return result
 
 

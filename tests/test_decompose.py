@@ -1,6 +1,9 @@
 """`cgf_optax.decompose` against the NumPy reference, and its properties."""
 
 import re
+import subprocess
+import sys
+import textwrap
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -165,6 +168,33 @@ def test_same_shape_leaves_refresh_like_single_leaves(num_scales):
       _, st = update(to_jax({path: g[path]}), st)
     np.testing.assert_allclose(ref.as_flat(st.basis)[path], final[path],
                                rtol=1e-5, atol=1e-5, err_msg=path)
+
+
+def test_many_same_shape_leaves_run_on_cpu():
+  """A transformer-shaped tree (10 layers, four shapes): several steps run
+  to completion. (Several batched LAPACK QRs in one CPU program were seen to
+  hang XLA's CPU runtime; the CPU path does one QR per leaf.) In a
+  subprocess, so that a hang fails the test instead of the suite."""
+  code = textwrap.dedent("""
+      import jax, jax.numpy as jnp, cgf_optax
+      d = 256
+      layer = lambda: {"qkv": (d, 3 * d), "o": (d, d), "up": (d, 4 * d),
+                       "down": (4 * d, d)}
+      shapes = {"embed": (2048, d), "layers": [layer() for _ in range(10)]}
+      leaves, tdef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+      keys = jax.random.split(jax.random.key(0), len(leaves))
+      g = tdef.unflatten([jax.random.normal(k, s) for k, s in zip(keys, leaves)])
+      for kw in ({}, {"refresh_every": 1, "init_power_iters": 1}):
+        tx = cgf_optax.decompose("lowrank", **kw)
+        state, update = tx.init(g), jax.jit(tx.update)
+        for _ in range(4):
+          _, state = update(g, state)
+        jax.block_until_ready(state)
+      print("ok")
+  """)
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                     text=True, timeout=240)
+  assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 def _hlo_ops(tx, grads) -> dict[str, int]:

@@ -509,7 +509,8 @@ def _refresh(gs: list[jax.Array], q0s: list[jax.Array], iters: int,
   For each ``g`` ``[batch, m, n]`` of ``gs``: ``Q <- qr(G Gᵀ Q)`` for a
   basis on the fan-in side (``left``), else ``Q <- qr(Gᵀ G Q)``; ``g`` is
   never transposed in memory. The matmuls run per leaf (no copy of a
-  gradient); the QRs of all leaves run as one batched QR.
+  gradient); the QRs of all leaves run as one batched QR (not on the CPU,
+  see :func:`_qr_all`).
 
   A leaf whose gradient is all zero or not finite keeps its basis: ``G Gᵀ
   Q`` is then zero or not finite, and so is checked on that small product
@@ -529,10 +530,7 @@ def _refresh(gs: list[jax.Array], q0s: list[jax.Array], iters: int,
                  else _einsum("bmn,bmk->bnk", g, c))
     if nonzero is None:
       nonzero = [jnp.any(gq != 0, axis=(-2, -1)) for gq in gqs]
-    stacked = gqs[0] if len(gqs) == 1 else jnp.concatenate(gqs, axis=0)
-    qn = jnp.linalg.qr(stacked)[0]
-    qs = ([qn] if len(gqs) == 1
-          else jnp.split(qn, list(itertools.accumulate(sizes[:-1])), axis=0))
+    qs = _qr_all(gqs, sizes)
   out = []
   for g, q0, q, q_orig, nz in zip(gs, q0s_dt, qs, q0s, nonzero, strict=True):
     if rotate and q.shape[-1] > rank:
@@ -544,6 +542,25 @@ def _refresh(gs: list[jax.Array], q0s: list[jax.Array], iters: int,
     ok = nz & jnp.all(jnp.isfinite(q), axis=(-2, -1))
     out.append(jnp.where(ok[:, None, None], q, q0).astype(q_orig.dtype))
   return out
+
+
+def _qr_all(xs: list[jax.Array], sizes: list[int]) -> list[jax.Array]:
+  """The Q factors of ``xs`` (``[batch, m, k]`` each, one shape): one
+  batched QR on accelerators; one QR per array on the CPU, where XLA's
+  runtime was seen to hang when several batched LAPACK QRs run in one
+  program (jax 0.10, 2 cores)."""
+  if len(xs) == 1:
+    return [jnp.linalg.qr(xs[0])[0]]
+
+  def batched(*xs):
+    q = jnp.linalg.qr(jnp.concatenate(xs, axis=0))[0]
+    return tuple(jnp.split(q, list(itertools.accumulate(sizes[:-1])), axis=0))
+
+  def one_by_one(*xs):
+    return tuple(jnp.linalg.qr(x)[0] for x in xs)
+
+  return list(jax.lax.platform_dependent(*xs, cpu=one_by_one,
+                                         default=batched))
 
 
 def _explicit_spec(x: jax.Array) -> tuple[Any, ...] | None:
