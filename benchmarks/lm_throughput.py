@@ -33,8 +33,9 @@ Model: ``--preset`` (``cgf_optax.train.model.PRESETS``) with ``--vocab``
 (default 50304, GPT-2's padded vocabulary, so "125m" has 124M parameters,
 "350m" 354M, "1b" 1.11B), tied embeddings, RMSNorm, bf16 compute
 (``--dtype``), fp32 parameters (``--param-dtype``), ``--remat`` for
-per-block rematerialisation, ``--attention`` ``auto`` (cuDNN flash attention
-on GPU with bf16 compute, JAX's choice elsewhere), ``cudnn``, ``xla`` or
+per-block rematerialisation (CEGM arms capture their context inside it,
+through :func:`cgf_optax.nnx.remat_call`), ``--attention`` ``auto`` (cuDNN
+flash attention on GPU with bf16 compute, JAX's choice elsewhere), ``cudnn``, ``xla`` or
 ``default``. Tokens: random ids, ``--batch × (--seq + 1)``, four batches
 rotated through the steps.
 
@@ -201,8 +202,8 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         logits = model(x)
       ctx = dict(ctx)
       if not ctx:
-        # E.g. nnx.remat clones the blocks, so their layers are not the
-        # model's: the CEGM arm would silently run without context.
+        # E.g. a model calling nnx.remat directly (not
+        # cgf_optax.nnx.remat_call): the arm would run without context.
         raise ValueError("capture_context captured nothing (remat?): the CEGM "
                          "arm would run without context")
       if context_stride > 1:   # [batch, seq, features]: every k-th position
@@ -524,8 +525,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--param-dtype", choices=("float32", "bfloat16"),
                  default="float32")
   p.add_argument("--remat", action="store_true",
-                 help="rematerialise each block in the backward pass (the CEGM "
-                      "arms then capture no context and are refused)")
+                 help="rematerialise each block in the backward pass")
   p.add_argument("--attention", choices=("auto", "cudnn", "xla", "default"),
                  default="auto")
   p.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS))
@@ -555,10 +555,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.error(str(e))
   if len({a.label for a in arms}) != len(arms):
     p.error("--arms has duplicates")
-  if args.remat and any(a.with_context for a in arms):
-    p.error("--remat: capture_context does not see the layers inside "
-            "nnx.remat, so the CEGM arms would get no context; leave them "
-            "out or drop --remat")
   args.arm_list = arms
   return args
 

@@ -246,3 +246,67 @@ def test_einsum_layers_are_captured_when_the_kernel_is_fan_in_first():
     model(x)
   assert set(ctx) == {"proj/kernel"}
   np.testing.assert_array_equal(np.asarray(ctx["proj/kernel"]), np.asarray(x))
+
+
+class _Block(nnx.Module):
+  def __init__(self, d, rngs):
+    self.up = nnx.Linear(d, 2 * d, rngs=rngs)
+    self.down = nnx.Linear(2 * d, d, rngs=rngs)
+
+  def __call__(self, x):
+    return x + self.down(jax.nn.gelu(self.up(x)))
+
+
+class _Stack(nnx.Module):
+  def __init__(self, d, n, remat, rngs):
+    self.blocks = nnx.List([_Block(d, rngs) for _ in range(n)])
+    self.head = nnx.Linear(d, 3, rngs=rngs)
+    self.remat = remat
+
+  def __call__(self, x):
+    for b in self.blocks:
+      x = cgf_optax.nnx.remat_call(b, x) if self.remat else b(x)
+    return self.head(x)
+
+
+def _loss_ctx_grads(model, x):
+  def loss_fn(m):
+    with capture_context(m) as ctx:
+      y = m(x)
+    return jnp.sum(y ** 2), dict(ctx)
+  (loss, ctx), g = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  return loss, ctx, g
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_remat_call_captures_like_a_plain_call(jit):
+  """Blocks called through remat_call: the same keys and activations as
+  without remat, the same loss and gradients, under jit or not."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 4))
+  out = []
+  for remat in (False, True):
+    model = _Stack(4, 2, remat, nnx.Rngs(0))
+    f = nnx.jit(_loss_ctx_grads) if jit else _loss_ctx_grads
+    out.append(f(model, x))
+  (l0, c0, g0), (l1, c1, g1) = out
+  assert sorted(c0) == sorted(c1) == sorted(
+      [f"blocks/{i}/{n}/kernel" for i in range(2) for n in ("up", "down")]
+      + ["head/kernel"])
+  for k in c0:
+    np.testing.assert_allclose(c0[k], c1[k], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_remat_call_without_capture_is_plain_remat():
+  """No capture open: remat_call is nnx.remat; gradients match the plain
+  call, and the recorded context of an unrelated capture stays empty."""
+  x = jax.random.normal(jax.random.key(1), (3, 4))
+  block = _Block(4, nnx.Rngs(1))
+  np.testing.assert_allclose(cgf_optax.nnx.remat_call(block, x), block(x),
+                             rtol=1e-6)
+  other = nnx.Linear(2, 2, rngs=nnx.Rngs(2))
+  with capture_context(other) as ctx:     # block is not part of `other`
+    cgf_optax.nnx.remat_call(block, x)
+  assert ctx == {}

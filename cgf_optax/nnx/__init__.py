@@ -5,6 +5,6 @@ Flax model's forward pass into the ``context={path: activations}`` mapping
 that :func:`cgf_optax.context_align` takes.
 """
 
-from cgf_optax.nnx._capture import Captured, capture_context
+from cgf_optax.nnx._capture import Captured, capture_context, remat_call
 
-__all__ = ["Captured", "capture_context"]
+__all__ = ["Captured", "capture_context", "remat_call"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -20,6 +22,20 @@ _INHERITED = object()
 # them. A layer called several times in one forward pass gets its inputs
 # stacked on a new leading (token) axis. A plain dict, so a valid pytree.
 Captured = dict[str, jax.Array]
+
+
+@dataclasses.dataclass
+class _Active:
+  """The innermost open capture: what :func:`remat_call` needs."""
+  paths: dict[int, str]
+  records: dict[str, list[jax.Array]]
+  types: tuple[type, ...]
+  stop_gradient: bool
+  dtype: Any
+
+
+_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar(
+    "cgf_optax_capture", default=None)
 
 
 def _module_paths(model: nnx.Module) -> dict[int, str]:
@@ -127,6 +143,8 @@ def capture_context(
 
     return call
 
+  token = _ACTIVE.set(_Active(paths, records, tuple(types), stop_gradient,
+                               dtype))
   with _LOCK:
     patched: dict[type, Any] = {}
     for cls in types:
@@ -143,5 +161,48 @@ def capture_context(
           del cls.__call__
         else:
           cls.__call__ = own
+      _ACTIVE.reset(token)
   for key, xs in records.items():
     captured[key] = xs[0] if len(xs) == 1 else jnp.stack(xs)
+
+
+def remat_call(module: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+  """``module(*args, **kwargs)`` under :func:`flax.nnx.remat`, visible to
+  :func:`capture_context`.
+
+  ``nnx.remat`` runs a copy of the module inside :func:`jax.checkpoint`, so
+  a capture opened outside sees none of its layers (and could not take
+  values out of the checkpointed trace anyway). Call rematerialised blocks
+  through this instead: when a capture is open and ``module`` belongs to
+  its model, the block's layers are captured inside the checkpointed
+  function and returned as an extra output, under the same keys as without
+  remat (``'blocks/0/attn/qkv/kernel'``); otherwise it is plain
+  ``nnx.remat``. The captured inputs are outputs of the rematerialised
+  function, so they stay in memory until the optimizer has used them, as
+  they do without remat.
+
+  Example::
+
+    class Model(nnx.Module):
+      def __call__(self, x):
+        for block in self.blocks:
+          x = cgf_optax.nnx.remat_call(block, x)
+        return self.head(x)
+  """
+  active = _ACTIVE.get()
+  prefix = None if active is None else active.paths.get(id(module))
+  if prefix is None:
+    return nnx.remat(lambda m, *a, **k: m(*a, **k))(module, *args, **kwargs)
+
+  def inner(m: nnx.Module, *a: Any, **k: Any) -> tuple[Any, Captured]:
+    with capture_context(m, types=active.types,
+                         stop_gradient=active.stop_gradient,
+                         dtype=active.dtype) as ctx:
+      out = m(*a, **k)
+    return out, dict(ctx)
+
+  out, ctx = nnx.remat(inner)(module, *args, **kwargs)
+  for key, x in ctx.items():
+    active.records.setdefault(f"{prefix}/{key}" if prefix else key,
+                              []).append(x)
+  return out

@@ -145,13 +145,6 @@ class TrainConfig:
     if not self.optimizers:
       raise ValueError("--optimizers needs at least one optimizer")
     specs = [parse_optimizer_spec(s) for s in self.optimizers]
-    if self.remat and any(s.name in ("cegm", "cegm_adamw") for s in specs):
-      # nnx.remat re-creates the blocks inside the rematerialised function,
-      # so the context capture would see no layer call: refuse rather than
-      # train CEGM without context.
-      raise ValueError("--remat cannot be combined with cegm/cegm_adamw: "
-                       "the rematerialised blocks hide the linear layers' "
-                       "inputs from the context capture")
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
       raise ValueError(f"--optimizers lists the same optimizer twice: "

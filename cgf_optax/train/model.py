@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cgf_optax.nnx import remat_call
+
 __all__ = ["GPT", "GPTConfig", "PRESETS", "gpt_config"]
 
 
@@ -212,6 +214,8 @@ class GPT(nnx.Module):
   Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
+
+from cgf_optax.nnx import remat_call
     >>> from cgf_optax.train import GPT, gpt_config
     >>> model = GPT(gpt_config("tiny", num_layers=1), rngs=nnx.Rngs(0))
     >>> model(jnp.zeros((2, 16), jnp.int32)).shape
@@ -253,7 +257,7 @@ class GPT(nnx.Module):
     x = self.embed(tokens)
     for i, block in enumerate(self.blocks):
       if self.cfg.remat:
-        x = nnx.remat(lambda blk, y: blk(y))(block, x)
+        x = remat_call(block, x)   # visible to capture_context
       else:
         x = block(x)
       if hidden_hook is not None:
