@@ -1,9 +1,20 @@
 """Shared fixtures for the cgf_optax tests."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# Property tests are reproducible by default: Hypothesis draws the same
+# examples on every run (and in CI), so a red run is a real regression, not
+# a new random draw. `HYPOTHESIS_PROFILE=explore make test` searches new
+# examples; a failure it finds is then pinned with `@example`.
+settings.register_profile("default", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 # A small transformer-shaped parameter tree: a 1-D bias, a 2-D kernel, a
 # stacked ``[layers, in, out]`` kernel and a scalar. Keys sort in this order,
