@@ -106,8 +106,8 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import cgf_optax  # noqa: E402
-from cgf_optax.nnx import capture_context  # noqa: E402
 from cgf_optax.train.config import OptimizerSpec, TrainConfig  # noqa: E402
+from cgf_optax.train.loop import lm_loss  # noqa: E402
 from cgf_optax.train.model import GPT, PRESETS, GPTConfig, gpt_config  # noqa: E402
 from cgf_optax.train.optimizers import build_optimizer, uses_context  # noqa: E402
 
@@ -196,11 +196,8 @@ def build_tx(arm: Arm, steps: int) -> optax.GradientTransformation:
 def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
               with_context: bool, context_stride: int = 1) -> Callable:
   def loss_fn(params, x, y):
-    model = nnx.merge(graphdef, params)
+    loss, ctx = lm_loss(graphdef, params, x, y, with_context=with_context)
     if with_context:
-      with capture_context(model) as ctx:
-        logits = model(x)
-      ctx = dict(ctx)
       if not ctx:
         # E.g. a model calling nnx.remat directly (not
         # cgf_optax.nnx.remat_call): the arm would run without context.
@@ -208,9 +205,6 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                          "arm would run without context")
       if context_stride > 1:   # [batch, seq, features]: every k-th position
         ctx = {k: v[:, ::context_stride] for k, v in ctx.items()}
-    else:
-      logits, ctx = model(x), None
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, ctx
 
   def step(params, opt_state, tokens):

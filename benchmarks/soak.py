@@ -62,10 +62,8 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 import optax
-from flax import nnx
 
 import cgf_optax
-from cgf_optax.nnx import capture_context
 from cgf_optax.train import TrainConfig, data, loop, parse_optimizer_spec
 from cgf_optax.train.optimizers import build_optimizer, uses_context
 
@@ -144,15 +142,7 @@ class Runner:
     with_ctx = uses_context(spec)
 
     def loss_fn(params, x, y):
-      model = nnx.merge(graphdef, params)
-      if with_ctx:
-        with capture_context(model) as ctx:
-          logits = model(x)
-        ctx = dict(ctx)
-      else:
-        logits, ctx = model(x), None
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      return loss, ctx
+      return loop.lm_loss(graphdef, params, x, y, with_context=with_ctx)
 
     def step(params, opt_state, x, y):
       (loss, ctx), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -36,7 +36,7 @@ from cgf_optax.train.parallel import (
     shard_batch,
 )
 
-__all__ = ["RunResult", "init_model", "model_config", "train_one"]
+__all__ = ["RunResult", "init_model", "lm_loss", "model_config", "train_one"]
 
 LN2 = math.log(2.0)
 _VAL_SEED = 12345          # the validation batches are the same for every run
@@ -147,6 +147,26 @@ def _scale_norms(dec: optax.GradientTransformation, grads: Any,
   return {f"scale_norm/{k.rstrip('_')}": jnp.sqrt(v) for k, v in sq.items()}
 
 
+def lm_loss(graphdef: nnx.GraphDef, params: Any, x: jax.Array, y: jax.Array,
+            *, with_context: bool, **model_kwargs: Any
+            ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+  """Mean next-byte cross-entropy of the model ``(graphdef, params)`` and,
+  with ``with_context``, the context its layers saw in the same forward
+  pass (:func:`cgf_optax.nnx.capture_context`), else None.
+
+  ``model_kwargs`` go to the model call (e.g. ``hidden_hook``).
+  """
+  model = nnx.merge(graphdef, params)
+  if with_context:
+    with capture_context(model) as ctx:
+      logits = model(x, **model_kwargs)
+    ctx = dict(ctx)
+  else:
+    logits, ctx = model(x, **model_kwargs), None
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss, ctx
+
+
 def _flow_hook(cfg: TrainConfig, num_layers: int):
   """``probes -> hidden_hook`` applying :func:`cgf_optax.flow.gradient_flow`
   after every block, or ``None`` when ``cfg.flow`` is off."""
@@ -217,16 +237,8 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
   keep: Any = None    # with a mesh: the shardings of (params, opt_state)
 
   def loss_fn(params, probes, x, y):
-    model = nnx.merge(graphdef, params)
     kw = {} if hook is None else {"hidden_hook": hook(probes)}
-    if with_ctx:
-      with capture_context(model) as ctx:
-        logits = model(x, **kw)
-      ctx = dict(ctx)
-    else:
-      logits, ctx = model(x, **kw), None
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, ctx
+    return lm_loss(graphdef, params, x, y, with_context=with_ctx, **kw)
 
   def step(params, opt_state, x, y, telemetry: bool):
     probes = (flow.init_probes(num_layers)
