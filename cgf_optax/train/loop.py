@@ -1,46 +1,85 @@
-"""The training loop: one optimizer, from an initialisation, with checkpoints.
+"""The engine's loop: one optimizer's run, from an initialisation, with
+checkpoints and an exact resume.
+
+The pieces, each in its own module:
+
+* the step (:mod:`cgf_optax.train.step`): loss, gradients, CEGM's context,
+  flow hooks, telemetry and the update, compiled once ahead of the first
+  step, with the parameters and state donated;
+* the data feed (:mod:`cgf_optax.train.feed`): batches built in a background
+  thread and sent to the device ahead of the step;
+* the metrics sink (:mod:`cgf_optax.train.metrics`): one JSON line per step
+  in ``metrics.jsonl``, fetched a few steps late so the host never stalls the
+  device;
+* checkpoints (:mod:`cgf_optax.train.checkpoint`): asynchronous, atomic
+  Orbax saves.
 
 Every optimizer of a comparison starts from the same parameters and sees the
-same batches (:func:`cgf_optax.train.data.batch_at`). Each step appends one
-JSON line to ``metrics.jsonl`` (loss, gradient norm, learning rate, wall
-clock, the optimizer's telemetry, and validation loss on evaluation steps).
+same batches (:func:`cgf_optax.train.data.batch_at`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
-import math
-import time
+import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-import cgf_optax
-from cgf_optax import flow, sharding
-from cgf_optax.nnx import capture_context
+from cgf_optax import sharding
 from cgf_optax.train.checkpoint import CheckpointError, RunCheckpointer
-from cgf_optax.train.config import OptimizerSpec, TrainConfig
+from cgf_optax.train.config import ConfigError, OptimizerSpec, TrainConfig
 from cgf_optax.train.data import Corpus, batch_at
+from cgf_optax.train.feed import BatchFeed
+from cgf_optax.train.metrics import LN2, MetricsSink, TrainClock, finite_or_none
 from cgf_optax.train.model import GPT, GPTConfig, gpt_config
-from cgf_optax.train.optimizers import build_optimizer, decompose_of, uses_context
+from cgf_optax.train.optimizers import (
+    build_optimizer,
+    schedule_of,
+    telemetry_of,
+    uses_context,
+)
 from cgf_optax.train.parallel import (
     check_divisible,
     init_partitioned,
     run_mesh,
     shard_batch,
 )
+from cgf_optax.train.step import (
+    Batch,
+    FlowSpec,
+    TrainState,
+    lm_loss,
+    make_train_step,
+)
 
-__all__ = ["RunResult", "init_model", "lm_loss", "model_config", "train_one"]
+__all__ = ["Interrupted", "ResourceError", "RunResult", "check_sizes",
+           "init_model", "lm_loss", "model_config", "train_one"]
 
-LN2 = math.log(2.0)
 _VAL_SEED = 12345          # the validation batches are the same for every run
 _DIVERGED_AFTER = 20       # consecutive non-finite losses that end a run
+_LAG = 2                   # steps in flight before their metrics are fetched
+
+
+class ResourceError(ConfigError):
+  """The model and batch do not fit the device (or the host)."""
+
+
+class Interrupted(Exception):  # noqa: N818 - it is what happened
+  """Training was interrupted (Ctrl-C) at ``step``; ``checkpoint`` is the
+  last complete checkpoint's step (None if there is none)."""
+
+  def __init__(self, label: str, step: int, checkpoint: int | None,
+               directory: Path | None):
+    super().__init__(label, step, checkpoint)
+    self.label, self.step = label, step
+    self.checkpoint, self.directory = checkpoint, directory
 
 
 @dataclasses.dataclass
@@ -89,12 +128,99 @@ class RunResult:
             "steps": int(self.records[-1]["step"]) if self.records else 0}
 
 
+def on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
 def model_config(cfg: TrainConfig) -> GPTConfig:
+  """The GPT of ``cfg``, with ``auto`` compute dtype and attention resolved:
+  bfloat16 and cuDNN flash attention on GPUs, float32 and JAX's default
+  attention elsewhere."""
   over = {k: getattr(cfg, k) for k in ("d_model", "num_layers", "num_heads")
           if getattr(cfg, k)}
+  dtype = cfg.dtype if cfg.dtype != "auto" else (
+      "bfloat16" if on_gpu() else "float32")
+  attention = cfg.attention if cfg.attention != "auto" else (
+      "cudnn" if on_gpu() and dtype == "bfloat16" else None)
   return gpt_config(cfg.model, norm=cfg.norm, tie_embeddings=cfg.tie_embeddings,
-                    dtype=cfg.dtype, remat=cfg.remat,
+                    dtype=dtype, remat=cfg.remat, attention_impl=attention,
                     max_seq_len=max(cfg.seq_len, 16), **over)
+
+
+def _host_memory() -> int | None:
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def _sizes(cfg: TrainConfig) -> str:
+  mcfg = model_config(cfg)
+  return (f"model {cfg.model!r} ({mcfg.num_params():,} parameters, d_model "
+          f"{mcfg.d_model}, {mcfg.num_layers} layers), --batch-size "
+          f"{cfg.batch_size}, --seq-len {cfg.seq_len}")
+
+
+def check_sizes(cfg: TrainConfig) -> None:
+  """Refuses, before anything is allocated, a run whose batches or
+  activations cannot fit this machine's memory.
+
+  The estimate is a lower bound: the int32 batches in flight (inputs and
+  targets, the training batch and the validation batches of twice its size)
+  plus the activations a step keeps for the backward pass (at least the
+  residual stream of every block and the logits, in the compute dtype).
+  On a GPU the compiled step's own memory plan is checked too
+  (:func:`train_one`).
+  """
+  mcfg = model_config(cfg)
+  tokens = cfg.batch_size * cfg.seq_len
+  batch_bytes = 8 * tokens * (2 + _LAG) + 8 * 2 * tokens * cfg.eval_batches
+  width = jnp.dtype(mcfg.dtype).itemsize
+  act_bytes = tokens * width * (mcfg.num_layers * mcfg.d_model
+                                + mcfg.vocab_size)
+  total = _host_memory()
+  if total is None:
+    return
+  if batch_bytes > total // 2 or (not on_gpu() and act_bytes > total):
+    need = batch_bytes + (0 if on_gpu() else act_bytes)
+    raise ResourceError(
+        f"{_sizes(cfg)} need at least {need / 2**30:,.1f} GiB of memory, "
+        f"this machine has {total / 2**30:,.1f} GiB: use a smaller "
+        "--batch-size or --seq-len")
+
+
+def _oom_message(cfg: TrainConfig, detail: str) -> str:
+  return (f"out of device memory ({detail}) for {_sizes(cfg)}: use a "
+          "smaller --batch-size or --seq-len, or --remat (recompute block "
+          "activations in the backward pass)")
+
+
+def _check_memory_plan(compiled: Any, cfg: TrainConfig) -> None:
+  """Refuses a compiled step whose memory plan exceeds the device's memory
+  (GPUs report both; elsewhere nothing is checked)."""
+  try:
+    plan = compiled.memory_analysis()
+    limit = jax.devices()[0].memory_stats()["bytes_limit"]
+  except Exception:  # noqa: BLE001 - backends without memory statistics
+    return
+  if plan is None:
+    return
+  need = (plan.argument_size_in_bytes + plan.output_size_in_bytes
+          - plan.alias_size_in_bytes + plan.temp_size_in_bytes)
+  if need > limit:
+    raise ResourceError(_oom_message(
+        cfg, f"the step needs {need / 2**30:,.1f} GiB, the device has "
+        f"{limit / 2**30:,.1f} GiB"))
+
+
+def _compile(jitted: Any, state: TrainState, batch: Batch,
+             variants: tuple[bool, ...]) -> dict[bool, Any]:
+  """The step compiled ahead of time for each telemetry variant (in
+  parallel), so that no step after the first compiles."""
+  lowered = {t: jitted.lower(state, batch, telemetry=t) for t in variants}
+  with concurrent.futures.ThreadPoolExecutor(len(variants)) as pool:
+    futures = {t: pool.submit(lw.compile) for t, lw in lowered.items()}
+    return {t: f.result() for t, f in futures.items()}
 
 
 def init_model(cfg: TrainConfig) -> tuple[nnx.GraphDef, nnx.State]:
@@ -106,85 +232,22 @@ def init_model(cfg: TrainConfig) -> tuple[nnx.GraphDef, nnx.State]:
   mcfg = model_config(cfg)
   mesh = run_mesh(cfg.mesh)
   if mesh is not None:
-    check_divisible(mcfg, mesh, cfg.batch_size)
+    try:
+      check_divisible(mcfg, mesh, cfg.batch_size)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
     return init_partitioned(mcfg, cfg.init_seed, mesh)
   model = GPT(mcfg, rngs=nnx.Rngs(cfg.init_seed))
   return nnx.split(model, nnx.Param)
 
 
-def _find(tree: Any, cls: type) -> list[Any]:
-  leaves = jax.tree_util.tree_leaves(
-      tree, is_leaf=lambda x: isinstance(x, cls))
-  return [x for x in leaves if isinstance(x, cls)]
-
-
-def _scalar_telemetry(opt_state: Any) -> dict[str, jax.Array]:
-  """Scalars the optimizers keep in their state: modulation factor, λ."""
-  out = {}
-  for st in _find(opt_state, cgf_optax.ModulateState):
-    if jnp.ndim(st.factor) == 0:
-      out["modulation_factor"] = st.factor
-      out["modulation_reference"] = st.reference
-  for st in _find(opt_state, cgf_optax.EntangleState):
-    out["entangle_lambda"] = st.lam
-  return out
-
-
-def _scale_norms(dec: optax.GradientTransformation, grads: Any,
-                 opt_state: Any) -> dict[str, jax.Array]:
-  """Norms of the gradient's scale components, as the optimizer splits them."""
-  states = _find(opt_state, cgf_optax.DecomposeState)
-  if not states:
-    return {}
-  scales, _ = dec.update(grads, states[0])
-  sq: dict[str, jax.Array] = {}
-  for s in _find(scales, cgf_optax.Scales):
-    for name in ("local", "intermediate", "global_"):
-      part = getattr(s, name)
-      if part is not None:
-        sq[name] = sq.get(name, 0.0) + jnp.sum(jnp.square(
-            part.astype(jnp.float32)))
-  return {f"scale_norm/{k.rstrip('_')}": jnp.sqrt(v) for k, v in sq.items()}
-
-
-def lm_loss(graphdef: nnx.GraphDef, params: Any, x: jax.Array, y: jax.Array,
-            *, with_context: bool, **model_kwargs: Any
-            ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-  """Mean next-byte cross-entropy of the model ``(graphdef, params)`` and,
-  with ``with_context``, the context its layers saw in the same forward
-  pass (:func:`cgf_optax.nnx.capture_context`), else None.
-
-  ``model_kwargs`` go to the model call (e.g. ``hidden_hook``).
-  """
-  model = nnx.merge(graphdef, params)
-  if with_context:
-    with capture_context(model) as ctx:
-      logits = model(x, **model_kwargs)
-    ctx = dict(ctx)
-  else:
-    logits, ctx = model(x, **model_kwargs), None
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  return loss, ctx
-
-
-def _flow_hook(cfg: TrainConfig, num_layers: int):
-  """``probes -> hidden_hook`` applying :func:`cgf_optax.flow.gradient_flow`
-  after every block, or ``None`` when ``cfg.flow`` is off."""
+def flow_spec(cfg: TrainConfig) -> FlowSpec | None:
+  """The run's activation-level gradient flow, or None when it is off."""
   if cfg.flow == "off":
     return None
   first, last = cfg.flow_lambdas
-  sched = flow.depth_schedule(num_layers, first, last, kind="linear")
-  lam_l = [float(v) for v in np.asarray(sched.local)]    # static numbers:
-  lam_g = [float(v) for v in np.asarray(sched.global_)]  # λ = 1 is exact
-  window = cfg.flow_window or None
-
-  def make(probes):
-    def hook(i, h):
-      return flow.gradient_flow(h, lam_l[i], lam_g[i], mode=cfg.flow,
-                                window=window,
-                                probe=None if probes is None else probes[i])
-    return hook
-  return make
+  return FlowSpec.linear(cfg.flow, model_config(cfg).num_layers, first, last,
+                         cfg.flow_window or None)
 
 
 def _read_records(path: Path, upto: int) -> list[dict[str, Any]]:
@@ -202,9 +265,24 @@ def _read_records(path: Path, upto: int) -> list[dict[str, Any]]:
   return out
 
 
-def _clean(x: Any) -> Any:
-  x = float(x)
-  return x if math.isfinite(x) else None
+
+
+def _expect(cfg: TrainConfig, spec: OptimizerSpec) -> dict[str, Any]:
+  """What a checkpoint of this run must have been saved with."""
+  return {"optimizer": spec.label,
+          "model": dataclasses.asdict(model_config(cfg)),
+          "data_seed": cfg.data_seed, "data": cfg.data,
+          "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+          "flow": [cfg.flow, cfg.flow_window,
+                   [list(p) for p in cfg.flow_lambdas]]}
+
+
+def _rewrite_log(path: Path, records: list[dict[str, Any]]) -> None:
+  """The log up to the restored step (a crash may have logged more), into a
+  new file that replaces the old one, so a crash here loses nothing."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+  tmp.replace(path)
 
 
 def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
@@ -219,82 +297,46 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
   initialised sharded like them, batches are split along ``"data"``, the
   step keeps params and state on their shardings, and checkpoints are saved
   and restored sharded.
+
+  Raises:
+    Interrupted: on Ctrl-C, after the checkpoint being written is complete.
+    ResourceError: the step does not fit the device's memory.
   """
   from tqdm.auto import tqdm
 
   run_dir.mkdir(parents=True, exist_ok=True)
   tx = build_optimizer(spec, cfg)
-  with_ctx = uses_context(spec)
-  dec = decompose_of(spec) if cfg.telemetry_every else None
-  lr_of = optax.warmup_cosine_decay_schedule(   # for the log only
-      0.0, float(dict(spec.kwargs).get("lr", cfg.lr)), cfg.warmup,
-      max(cfg.steps, cfg.warmup + 1),
-      end_value=float(dict(spec.kwargs).get("lr", cfg.lr)) * cfg.min_lr_ratio)
-
-  num_layers = model_config(cfg).num_layers
-  hook = _flow_hook(cfg, num_layers)
   mesh = sharding.mesh_of(params0)
-  keep: Any = None    # with a mesh: the shardings of (params, opt_state)
-
-  def loss_fn(params, probes, x, y):
-    kw = {} if hook is None else {"hidden_hook": hook(probes)}
-    return lm_loss(graphdef, params, x, y, with_context=with_ctx, **kw)
-
-  def step(params, opt_state, x, y, telemetry: bool):
-    probes = (flow.init_probes(num_layers)
-              if telemetry and hook is not None else None)
-    (loss, ctx), (grads, probe_grads) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(params, probes, x, y)
-    extra = {"context": ctx, "value": loss} if with_ctx else {}
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    if telemetry and dec is not None:
-      metrics.update(_scale_norms(dec, grads, opt_state))
-    if probe_grads is not None:
-      tel = flow.read_probes(probe_grads)
-      for i in range(num_layers):
-        metrics[f"flow_local/{i}"] = tel.local_norm[i]
-        metrics[f"flow_global/{i}"] = tel.global_norm[i]
-    updates, opt_state = tx.update(grads, opt_state, params, **extra)
-    params = optax.apply_updates(params, updates)
-    if keep is not None:
-      params, opt_state = jax.lax.with_sharding_constraint(
-          (params, opt_state), keep)
-    metrics.update(_scalar_telemetry(opt_state))
-    return params, opt_state, metrics
-
-  train_step = jax.jit(step, static_argnames="telemetry", donate_argnums=(0, 1))
-  eval_loss = jax.jit(lambda p, x, y: loss_fn(p, None, x, y)[0])
-  val_batches = [shard_batch(mesh, *batch_at(
-      corpus.val, i, 2 * cfg.batch_size, cfg.seq_len, _VAL_SEED))
-                 for i in range(cfg.eval_batches)]
-
   params = jax.tree.map(jnp.copy, params0)    # params0 serves every run
   if mesh is None:
-    opt_state = tx.init(params)
+    opt_state, keep = tx.init(params), None
   else:
     opt_state = sharding.init_sharded(tx, params)
     keep = jax.tree.map(lambda a: a.sharding, (params, opt_state))
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(opt_state))
+  telemetry = telemetry_of(spec) if cfg.telemetry_every else None
+  flows = flow_spec(cfg)
+  step = make_train_step(graphdef, tx, with_context=uses_context(spec),
+                         flow_spec=flows, schedule=schedule_of(spec, cfg),
+                         telemetry=telemetry, shardings=keep)
+  eval_loss = jax.jit(lambda p, x, y: lm_loss(graphdef, p, x, y,
+                                              with_context=False)[0])
 
   ckpt = None
   if cfg.checkpoint_every or cfg.resume or cfg.stop_after:
     ckpt = RunCheckpointer(run_dir / "checkpoints", cfg.checkpoint_every,
                            cfg.keep_checkpoints)
-  expect = {"optimizer": spec.label, "model": dataclasses.asdict(
-      model_config(cfg)), "data_seed": cfg.data_seed, "data": cfg.data,
-            "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
-            "flow": [cfg.flow, cfg.flow_window,
-                     [list(p) for p in cfg.flow_lambdas]]}
+  expect = _expect(cfg, spec)
   metrics_path = run_dir / "metrics.jsonl"
-  start, train_time, tokens, timed_s = 0, 0.0, 0, 0.0
+  start, train_time, timed = 0, 0.0, (0, 0.0)
   nonfinite = 0
   if cfg.resume:
     assert ckpt is not None
-    start, state, meta = ckpt.restore(
+    start, restored, meta = ckpt.restore(
         {"params": params, "opt_state": opt_state}, expect)
-    params, opt_state = state["params"], state["opt_state"]
+    params, opt_state = restored["params"], restored["opt_state"]
     train_time = meta["train_time"]
-    tokens, timed_s = meta["timed_tokens"], meta["timed_s"]
+    timed = (meta["timed_tokens"], meta["timed_s"])
     nonfinite = meta["nonfinite_steps"]
     records = _read_records(metrics_path, start)
   else:
@@ -303,72 +345,98 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
           f"{run_dir / 'checkpoints'} already holds checkpoints; pass "
           "--resume to continue that run, or choose another --out")
     records = []
-  # Rewrite the log up to the restored step (a crash may have logged more):
-  # into a new file that replaces the old one, so a crash here loses nothing.
-  tmp_log = metrics_path.with_name(metrics_path.name + ".tmp")
-  tmp_log.write_text("".join(json.dumps(r) + "\n" for r in records))
-  tmp_log.replace(metrics_path)
+  _rewrite_log(metrics_path, records)
 
-  bad_run = 0
-  diverged = False
+  state = TrainState(params, opt_state)
   last = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
-  bar = tqdm(range(start + 1, last + 1), initial=start, total=cfg.steps,
-             desc=desc or spec.label, disable=not cfg.progress,
-             dynamic_ncols=True, leave=True)
-  ema = ema_w = 0.0
-  with metrics_path.open("a") as log:
-    for i in bar:
-      x, y = shard_batch(mesh, *batch_at(corpus.train, i - 1, cfg.batch_size,
-                                         cfg.seq_len, cfg.data_seed))
-      telemetry = bool((dec is not None or hook is not None)
-                       and cfg.telemetry_every
-                       and i % cfg.telemetry_every == 0)
-      t0 = time.perf_counter()
-      params, opt_state, m = train_step(params, opt_state, x, y,
-                                        telemetry=telemetry)
-      m = jax.device_get(m)
-      dt = time.perf_counter() - t0
-      train_time += dt
-      if i > start + 1 and not telemetry:   # no compilation, no extra work
-        tokens += x.size
-        timed_s += dt
-      loss = float(m["loss"])
-      rec: dict[str, Any] = {"step": i, "loss": _clean(loss),
-                             "bits": _clean(loss / LN2),
-                             "lr": float(lr_of(i - 1)), "time": train_time}
-      rec.update({k: _clean(v) for k, v in m.items() if k != "loss"})
-      if math.isfinite(loss):
-        bad_run = 0
-        ema, ema_w = 0.9 * ema + 0.1 * loss, 0.9 * ema_w + 0.1
-      else:
-        nonfinite += 1
-        bad_run += 1
-      rec["nonfinite_steps"] = nonfinite
-      if i % cfg.eval_every == 0 or i == cfg.steps:
-        val = float(np.mean([eval_loss(params, vx, vy)
-                             for vx, vy in val_batches]))
-        rec["val_bits"] = _clean(val / LN2)
-      log.write(json.dumps(rec) + "\n")
-      log.flush()
-      records.append(rec)
-      post = {"loss": f"{ema / max(ema_w, 1e-12) / LN2:.3f}b/B",
-              "tok/s": f"{tokens / max(timed_s, 1e-9):,.0f}"}
-      if "val_bits" in rec and rec["val_bits"] is not None:
-        post["val"] = f"{rec['val_bits']:.3f}"
-      bar.set_postfix(post, refresh=False)
+  val_batches = [shard_batch(mesh, *batch_at(
+      corpus.val, i, 2 * cfg.batch_size, cfg.seq_len, _VAL_SEED))
+                 for i in range(cfg.eval_batches)]
+  with_telemetry = bool(cfg.telemetry_every and (telemetry or flows))
+  feed = BatchFeed(corpus.train, batch_size=cfg.batch_size,
+                   seq_len=cfg.seq_len, seed=cfg.data_seed, start=start,
+                   stop=last, mesh=mesh)
+  try:
+    first = next(iter(BatchFeed(corpus.train, batch_size=cfg.batch_size,
+                                seq_len=cfg.seq_len, seed=cfg.data_seed,
+                                start=start, stop=start + 1, mesh=mesh,
+                                prefetch=0))) if last > start else None
+    compiled = {} if first is None else _compile(
+        jax.jit(step, static_argnames="telemetry", donate_argnums=0),
+        state, first, (False, True) if with_telemetry else (False,))
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" in str(e):
+      raise ResourceError(_oom_message(cfg, "while compiling")) from None
+    raise
+  if compiled:
+    _check_memory_plan(compiled[False], cfg)
+
+  bar = tqdm(total=cfg.steps, initial=start, desc=desc or spec.label,
+             disable=not cfg.progress, dynamic_ncols=True, leave=True)
+  ema = [0.0, 0.0]
+
+  def progress(rec: dict[str, Any]) -> None:
+    if rec["loss"] is not None:
+      ema[0], ema[1] = 0.9 * ema[0] + 0.1 * rec["loss"], 0.9 * ema[1] + 0.1
+    tokens, secs = sink.timed()
+    post = {"loss": f"{ema[0] / max(ema[1], 1e-12) / LN2:.3f}b/B",
+            "tok/s": f"{(timed[0] + tokens) / max(timed[1] + secs, 1e-9):,.0f}"}
+    if rec.get("val_bits") is not None:
+      post["val"] = f"{rec['val_bits']:.3f}"
+    bar.set_postfix(post, refresh=False)
+    bar.update(1)
+
+  clock = TrainClock(train_time)
+  i = start
+  with metrics_path.open("a") as log, feed:
+    sink = MetricsSink(log, clock, tokens_per_step=cfg.batch_size
+                       * cfg.seq_len, lag=_LAG,
+                       diverged_after=_DIVERGED_AFTER, nonfinite=nonfinite,
+                       on_record=progress)
+    try:
+      for i, batch in zip(range(start + 1, last + 1), feed, strict=True):
+        tele = with_telemetry and i % cfg.telemetry_every == 0
+        state, m = compiled[tele](state, batch)
+        host: dict[str, Any] = {}
+        if i % cfg.eval_every == 0 or i == cfg.steps:
+          jax.block_until_ready(m["loss"])
+          with clock.paused():
+            val = np.mean(jax.device_get(
+                [eval_loss(state.params, vx, vy) for vx, vy in val_batches]))
+          host["val_bits"] = finite_or_none(val / LN2)
+        sink.push(i, m, **host)
+        if ckpt is not None and (i == last or (
+            cfg.checkpoint_every and i % cfg.checkpoint_every == 0)):
+          sink.drain()          # the log holds every step the save holds
+          tokens, secs = sink.timed()
+          with clock.paused():
+            ckpt.save(i, {"params": state.params,
+                          "opt_state": state.opt_state},
+                      {**expect, "step": i, "train_time": clock.now(),
+                       "timed_tokens": timed[0] + tokens,
+                       "timed_s": timed[1] + secs,
+                       "nonfinite_steps": sink.nonfinite}, force=True)
+        if sink.diverged:
+          bar.write(f"{spec.label}: {_DIVERGED_AFTER} non-finite losses in "
+                    "a row; stopping this run (diverged)")
+          break
+      sink.drain()
+    except KeyboardInterrupt:
+      feed.close()
+      done = ckpt.wait() if ckpt is not None else None
+      bar.close()
+      raise Interrupted(spec.label, i, done,
+                        None if ckpt is None else ckpt.directory) from None
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" in str(e):
+        raise ResourceError(_oom_message(cfg, f"at step {i}")) from None
+      raise
+    finally:
+      bar.close()
       if ckpt is not None:
-        ckpt.save(i, {"params": params, "opt_state": opt_state},
-                  {**expect, "step": i, "train_time": train_time,
-                   "timed_tokens": tokens, "timed_s": timed_s,
-                   "nonfinite_steps": nonfinite},
-                  force=(i == last))
-      if bad_run >= _DIVERGED_AFTER:
-        diverged = True
-        bar.write(f"{spec.label}: {bad_run} non-finite losses in a row; "
-                  "stopping this run (diverged)")
-        break
-  bar.close()
-  if ckpt is not None:
-    ckpt.close()
-  return RunResult(spec.label, records, tokens / max(timed_s, 1e-9),
-                   state_bytes, nonfinite, diverged, params)
+        ckpt.close()
+  tokens, secs = sink.timed()
+  tokens, secs = timed[0] + tokens, timed[1] + secs
+  return RunResult(spec.label, records + sink.records,
+                   tokens / max(secs, 1e-9), state_bytes, sink.nonfinite,
+                   sink.diverged, state.params)

@@ -10,9 +10,10 @@ import jax
 import optax
 
 import cgf_optax
-from cgf_optax.train.config import OptimizerSpec, TrainConfig
+from cgf_optax.train.config import ConfigError, OptimizerSpec, TrainConfig
 
-__all__ = ["build_optimizer", "uses_context", "decompose_of"]
+__all__ = ["build_optimizer", "decompose_of", "schedule_of", "telemetry_of",
+           "uses_context"]
 
 _CONSTRUCTORS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "adamw": optax.adamw,
@@ -43,7 +44,7 @@ def _kwargs(spec: OptimizerSpec) -> dict[str, Any]:
   for key in kwargs:
     if key not in params or key in _RESERVED:
       allowed = sorted(set(params) - _RESERVED - {"learning_rate"})
-      raise ValueError(f"optimizer {spec.name!r} has no option {key!r}; "
+      raise ConfigError(f"optimizer {spec.name!r} has no option {key!r}; "
                        f"options: lr, {', '.join(allowed)}")
   for key, value in kwargs.items():   # tuples arrive as JSON lists
     if isinstance(value, list):
@@ -51,18 +52,28 @@ def _kwargs(spec: OptimizerSpec) -> dict[str, Any]:
   return kwargs
 
 
+def schedule_of(spec: OptimizerSpec, cfg: TrainConfig) -> optax.Schedule:
+  """The run's learning rate: linear warm-up to the peak (``lr`` of the spec,
+  else ``cfg.lr``), then cosine decay to ``peak * cfg.min_lr_ratio``."""
+  peak = float(dict(spec.kwargs).get("lr", cfg.lr))
+  return optax.warmup_cosine_decay_schedule(
+      0.0, peak, max(cfg.warmup, 1) if cfg.warmup else 0,
+      max(cfg.steps, cfg.warmup + 1), end_value=peak * cfg.min_lr_ratio)
+
+
 def build_optimizer(spec: OptimizerSpec, cfg: TrainConfig
                     ) -> optax.GradientTransformationExtraArgs:
-  """clip → the optimizer with a warm-up + cosine learning rate.
+  """clip → the optimizer with the learning rate of :func:`schedule_of`.
 
   ``lr`` in the spec overrides ``cfg.lr``; ``weight_decay`` in the spec
   overrides ``cfg.weight_decay``. Weight decay applies to matrices only.
+
+  Raises:
+    ConfigError: an unknown option, or one the constructor refuses (the
+      message names the optimizer).
   """
   kwargs = _kwargs(spec)
-  peak = float(dict(spec.kwargs).get("lr", cfg.lr))
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, peak, max(cfg.warmup, 1) if cfg.warmup else 0,
-      max(cfg.steps, cfg.warmup + 1), end_value=peak * cfg.min_lr_ratio)
+  schedule = schedule_of(spec, cfg)
   params = inspect.signature(_CONSTRUCTORS[spec.name]).parameters
   if "weight_decay" in params:
     kwargs.setdefault("weight_decay", cfg.weight_decay)
@@ -70,7 +81,10 @@ def build_optimizer(spec: OptimizerSpec, cfg: TrainConfig
     kwargs["mask"] = _decay_mask
   elif "weight_decay_mask" in params:
     kwargs["weight_decay_mask"] = _decay_mask
-  tx = _CONSTRUCTORS[spec.name](schedule, **kwargs)
+  try:
+    tx = _CONSTRUCTORS[spec.name](schedule, **kwargs)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"optimizer {spec.label!r}: {e}") from None
   parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
   return optax.chain(*parts, tx)
 
@@ -90,3 +104,31 @@ def decompose_of(spec: OptimizerSpec) -> optax.GradientTransformation | None:
             if k in dec and p.default is not inspect.Parameter.empty}
   kwargs.update({k: v for k, v in _kwargs(spec).items() if k in dec})
   return cgf_optax.decompose(**kwargs)
+
+
+def telemetry_of(spec: OptimizerSpec):
+  """``(grads, opt_state) -> {"scale_norm/<scale>": norm}``: the norms of
+  the gradient's scale components as a CGFM optimizer splits them (its own
+  ``decompose``, given its state before the update), or None for the
+  optimizers without a decomposition."""
+  dec = decompose_of(spec)
+  if dec is None:
+    return None
+
+  def scale_norms(grads: Any, opt_state: Any) -> dict[str, jax.Array]:
+    states = [s for s in jax.tree.leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, cgf_optax.DecomposeState))
+              if isinstance(s, cgf_optax.DecomposeState)]
+    if not states:
+      return {}
+    scales, _ = dec.update(grads, states[0])
+    found = [s for s in jax.tree.leaves(
+        scales, is_leaf=lambda x: isinstance(x, cgf_optax.Scales))
+             if isinstance(s, cgf_optax.Scales)]
+    out = {}
+    for name in ("local", "intermediate", "global_"):
+      parts = [getattr(s, name) for s in found if getattr(s, name) is not None]
+      if parts:
+        out[f"scale_norm/{name.rstrip('_')}"] = optax.tree.norm(parts)
+    return out
+  return scale_norms
