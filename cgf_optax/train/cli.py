@@ -27,6 +27,13 @@ from cgf_optax.train.config import TrainConfig, parse_optimizer_spec
 __all__ = ["main", "parse_args"]
 
 
+class _Parser(argparse.ArgumentParser):
+  """Reports a bad flag in one line (no usage block) and exits with 2."""
+
+  def error(self, message: str) -> typing.NoReturn:
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _add_config_flags(p: argparse.ArgumentParser, *, single: bool) -> None:
   hints = typing.get_type_hints(TrainConfig)
   for f in dataclasses.fields(TrainConfig):
@@ -58,7 +65,7 @@ def _add_config_flags(p: argparse.ArgumentParser, *, single: bool) -> None:
 def parse_args(argv: Sequence[str] | None = None
                ) -> tuple[str, TrainConfig]:
   """``(command, config)``; exits with status 2 on bad flags."""
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="cgf-optax", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +123,7 @@ def run(command: str, cfg: TrainConfig) -> dict[str, Any]:
     specs = specs[:1]
   for spec in specs:          # constructor errors before any training
     build_optimizer(spec, cfg)
+  loop.check_sizes(cfg)       # before any batch is allocated
   corpus = data.load_corpus(cfg.data)
   if len(corpus.train) < cfg.seq_len + 2 or len(corpus.val) < cfg.seq_len + 2:
     raise data.DataError(
@@ -182,22 +190,40 @@ def run(command: str, cfg: TrainConfig) -> dict[str, Any]:
   return summary
 
 
+def _interrupted(command: str, e: Any) -> str:
+  where = (f"the last complete checkpoint is step {e.checkpoint} in "
+           f"{e.directory}; run the same command with --resume to continue "
+           "from it" if e.checkpoint is not None else
+           "no checkpoint was written yet (--checkpoint-every sets how "
+           "often); a new run starts from step 0")
+  return (f"cgf-optax {command}: interrupted during {e.label} after step "
+          f"{e.step}; {where}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  command, cfg = parse_args(argv)
+  """Runs the CLI; returns the exit status (2: bad input, 130: Ctrl-C)."""
+  try:
+    command, cfg = parse_args(argv)
+  except KeyboardInterrupt:
+    return 130
   from cgf_optax._validation import HyperparameterTypeError
   from cgf_optax.train.checkpoint import CheckpointError
+  from cgf_optax.train.config import ConfigError
   from cgf_optax.train.data import DataError
+  from cgf_optax.train.loop import Interrupted
   try:
     run(command, cfg)
-  except (DataError, CheckpointError, HyperparameterTypeError) as e:
+  except (DataError, CheckpointError, ConfigError,
+          HyperparameterTypeError) as e:
     print(f"cgf-optax {command}: error: {e}", file=sys.stderr)
     return 2
-  except ValueError as e:
-    # Constructor validation of an optimizer option (raised before training).
-    if "optimizer" in str(e) or "must" in str(e):
-      print(f"cgf-optax {command}: error: {e}", file=sys.stderr)
-      return 2
-    raise
+  except Interrupted as e:
+    print(_interrupted(command, e), file=sys.stderr)
+    return 130
+  except KeyboardInterrupt:
+    print(f"cgf-optax {command}: interrupted before training began; nothing "
+          "was written to resume from", file=sys.stderr)
+    return 130
   return 0
 
 

@@ -59,7 +59,8 @@ from cgf_optax.train.step import (
     make_train_step,
 )
 
-__all__ = ["Interrupted", "ResourceError", "RunResult", "check_sizes",
+__all__ = ["Interrupted", "ResourceError", "RunResult", "check_memory_plan",
+           "check_sizes",
            "init_model", "lm_loss", "model_config", "train_one"]
 
 _VAL_SEED = 12345          # the validation batches are the same for every run
@@ -195,15 +196,18 @@ def _oom_message(cfg: TrainConfig, detail: str) -> str:
           "activations in the backward pass)")
 
 
-def _check_memory_plan(compiled: Any, cfg: TrainConfig) -> None:
-  """Refuses a compiled step whose memory plan exceeds the device's memory
-  (GPUs report both; elsewhere nothing is checked)."""
+def check_memory_plan(compiled: Any, cfg: TrainConfig,
+                      limit: int | None = None) -> None:
+  """Refuses a compiled step whose memory plan exceeds ``limit`` bytes (by
+  default the device's memory; GPUs report both, elsewhere nothing is
+  checked)."""
   try:
     plan = compiled.memory_analysis()
-    limit = jax.devices()[0].memory_stats()["bytes_limit"]
+    if limit is None:
+      limit = jax.devices()[0].memory_stats()["bytes_limit"]
   except Exception:  # noqa: BLE001 - backends without memory statistics
     return
-  if plan is None:
+  if plan is None or limit is None:
     return
   need = (plan.argument_size_in_bytes + plan.output_size_in_bytes
           - plan.alias_size_in_bytes + plan.temp_size_in_bytes)
@@ -369,7 +373,7 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
       raise ResourceError(_oom_message(cfg, "while compiling")) from None
     raise
   if compiled:
-    _check_memory_plan(compiled[False], cfg)
+    check_memory_plan(compiled[False], cfg)
 
   bar = tqdm(total=cfg.steps, initial=start, desc=desc or spec.label,
              disable=not cfg.progress, dynamic_ncols=True, leave=True)
