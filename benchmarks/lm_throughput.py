@@ -107,9 +107,9 @@ from flax import nnx  # noqa: E402
 
 import cgf_optax  # noqa: E402
 from cgf_optax.train.config import OptimizerSpec, TrainConfig  # noqa: E402
-from cgf_optax.train.loop import lm_loss  # noqa: E402
 from cgf_optax.train.model import GPT, PRESETS, GPTConfig, gpt_config  # noqa: E402
 from cgf_optax.train.optimizers import build_optimizer, uses_context  # noqa: E402
+from cgf_optax.train.step import Batch, TrainState, make_train_step  # noqa: E402
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT_DIR not in sys.path:
@@ -195,26 +195,17 @@ def build_tx(arm: Arm, steps: int) -> optax.GradientTransformation:
 
 def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
               with_context: bool, context_stride: int = 1) -> Callable:
-  def loss_fn(params, x, y):
-    loss, ctx = lm_loss(graphdef, params, x, y, with_context=with_context)
-    if with_context:
-      if not ctx:
-        # E.g. a model calling nnx.remat directly (not
-        # cgf_optax.nnx.remat_call): the arm would run without context.
-        raise ValueError("capture_context captured nothing (remat?): the CEGM "
-                         "arm would run without context")
-      if context_stride > 1:   # [batch, seq, features]: every k-th position
-        ctx = {k: v[:, ::context_stride] for k, v in ctx.items()}
-    return loss, ctx
+  """The training engine's step (:func:`cgf_optax.train.step.make_train_step`,
+  what ``cgf-optax`` runs) on a ``[batch, seq + 1]`` token array:
+  ``(params, opt_state, tokens) -> (params, opt_state, metrics)``, jitted,
+  params and state donated."""
+  engine_step = make_train_step(graphdef, tx, with_context=with_context,
+                                context_stride=context_stride)
 
   def step(params, opt_state, tokens):
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    (loss, ctx), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, x, y)
-    extra = {"context": ctx, "value": loss} if with_context else {}
-    updates, opt_state = tx.update(grads, opt_state, params, **extra)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, loss
+    batch = Batch(tokens[:, :-1], tokens[:, 1:], jnp.int32(0))
+    state, metrics = engine_step(TrainState(params, opt_state), batch)
+    return state.params, state.opt_state, metrics
 
   return jax.jit(step, donate_argnums=(0, 1))
 
@@ -226,7 +217,10 @@ def model_config(args: argparse.Namespace) -> GPTConfig:
     impl = "cudnn" if on_gpu and args.dtype == "bfloat16" else None
   elif impl == "default":
     impl = None
+  over = {k: getattr(args, k) for k in ("d_model", "num_layers", "num_heads")
+          if getattr(args, k)}
   return gpt_config(args.preset, vocab_size=args.vocab, max_seq_len=args.seq,
+                    **over,
                     dtype=args.dtype, param_dtype=args.param_dtype,
                     remat=args.remat, attention_impl=impl)
 
@@ -368,7 +362,7 @@ def run_arm(bench: Bench, arm: Arm, compiled: Any,
   pipelined_s = time.perf_counter() - t0
   losses.append(loss)
   mem_end = mem_stats()
-  final_loss = float(losses[-1])
+  final_loss = float(losses[-1]["loss"])
   free_tree(params)
   free_tree(state)
   del params, state
@@ -512,6 +506,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--preset", choices=tuple(PRESETS), default="125m")
   p.add_argument("--vocab", type=int, default=50304)
+  p.add_argument("--d-model", type=int, default=0,
+                 help="override the preset's width (0: keep)")
+  p.add_argument("--num-layers", type=int, default=0,
+                 help="override the preset's depth (0: keep)")
+  p.add_argument("--num-heads", type=int, default=0,
+                 help="override the preset's heads (0: keep)")
   p.add_argument("--seq", type=int, default=1024)
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
@@ -556,7 +556,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def child_argv(args: argparse.Namespace, arm: Arm) -> list[str]:
   """The arguments of ``--isolate``'s subprocess for ``arm``."""
   out = ["--arms", arm.label]
-  for key in ("preset", "vocab", "seq", "batch", "dtype", "param_dtype",
+  for key in ("preset", "vocab", "d_model", "num_layers", "num_heads", "seq",
+              "batch", "dtype", "param_dtype",
               "attention", "steps", "warmup", "schedule_steps", "peak_tflops",
               "seed"):
     out += ["--" + key.replace("_", "-"), str(getattr(args, key))]

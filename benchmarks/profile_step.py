@@ -158,7 +158,7 @@ def profile_arm(bench: Bench, label: str, steps: int, warmup: int,
     if not files:
       raise RuntimeError("jax.profiler.trace wrote no .xplane.pb file")
     source, events = device_events(files[0])
-  final_loss = float(loss)
+  final_loss = float(loss["loss"])
   del params, state
   by_name: dict[str, list[int]] = {}
   for name, _, dur in events:
