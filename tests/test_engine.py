@@ -19,10 +19,10 @@ import optax
 import pytest
 
 from cgf_optax.train import TrainConfig, cli, data, loop
+from cgf_optax.train.config import parse_optimizer_spec
 from cgf_optax.train.feed import BatchFeed, host_batch
 from cgf_optax.train.metrics import MetricsSink, TrainClock
 from cgf_optax.train.optimizers import schedule_of
-from cgf_optax.train.config import parse_optimizer_spec
 from cgf_optax.train.step import Batch, TrainState, make_train_step
 
 TINY = ["--d-model", "32", "--num-layers", "1", "--num-heads", "2",
