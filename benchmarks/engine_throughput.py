@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
@@ -93,11 +95,19 @@ def measure(size: str, args: argparse.Namespace, work: Path
   table = []
   for spec, r in zip(args.optimizers, res["results"], strict=True):
     b = by_arm[arm_of(spec)]
+    slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in r["label"])
+    times = [json.loads(x)["time"] for x in
+             (out / slug / "metrics.jsonl").read_text().splitlines()]
+    gaps = np.diff(times)
     table.append({"optimizer": spec, "cli_tokens_per_s": r["tokens_per_s"],
                   "bench_tokens_per_s": b["tokens_per_s"],
                   "ratio": r["tokens_per_s"] / b["tokens_per_s"],
                   "bench_mfu": b["mfu"], "cli_final_val_bits":
-                  r["final_val_bits"]})
+                  r["final_val_bits"],
+                  "cli_median_step_s": float(np.median(gaps)),
+                  "cli_first_steps_s": [float(g) for g in gaps[:8]],
+                  "bench_median_step_s": b["median_step_s"],
+                  "bench_pipelined_step_s": b["pipelined_step_s"]})
   return {"size": size, "n_params": res["n_params"], "batch": batch,
           "seq": seq, "cli_command": " ".join(cli[1:]),
           "bench_command": " ".join(bench[1:]), "cli_wall_s": cli_s,

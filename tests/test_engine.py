@@ -76,7 +76,7 @@ def test_feed_reraises_a_producer_error():
 def test_sink_fetches_late_but_logs_every_step(tmp_path):
   clock = TrainClock()
   log = (tmp_path / "m.jsonl").open("w")
-  sink = MetricsSink(log, clock, tokens_per_step=10, lag=3)
+  sink = MetricsSink(log, clock, tokens_per_step=10, lag=3, warmup=0)
   losses = [2.0, float("nan"), 1.0, 0.5, float("inf")]
   for i, v in enumerate(losses, 1):
     sink.push(i, {"loss": jnp.float32(v), "g": jnp.float32(i)})
@@ -101,6 +101,16 @@ def test_sink_marks_divergence_after_a_run_of_nonfinite_losses():
   assert not sink.diverged                 # never 3 in a row
   sink.push(7, {"loss": np.float32(np.inf)})
   assert sink.diverged
+
+
+def test_sink_throughput_starts_after_warmup_steps():
+  sink = MetricsSink(None, TrainClock(), tokens_per_step=7, lag=0, warmup=2)
+  for i in range(1, 3):
+    sink.push(i, {"loss": np.float32(1.0)})
+  assert sink.timed()[0] == 7          # fewer than warmup + 1: from the first
+  for i in range(3, 11):
+    sink.push(i, {"loss": np.float32(1.0)})
+  assert sink.timed()[0] == 7 * 7      # steps 3 .. 10
 
 
 def test_clock_excludes_paused_time():

@@ -12,8 +12,9 @@ evaluation, the end).
 ``time`` in a record is the training clock when the step's metrics were
 fetched: wall time since the run began, less the time spent evaluating and
 checkpointing (:class:`TrainClock`). Throughput (tokens/s) is measured from
-the first step fetched in this invocation to the last one, so compilation
-and start-up are not in it.
+the ``warmup``-th step fetched in this invocation to the last one, so
+compilation, start-up and the first executions (allocations, kernel
+loading) are not in it.
 """
 
 from __future__ import annotations
@@ -76,11 +77,13 @@ class MetricsSink:
       diverged (:attr:`diverged`).
     nonfinite: non-finite steps counted before (a resumed run's).
     on_record: called with each record once written (e.g. a progress bar).
+    warmup: steps fetched before the throughput's clock starts (when the
+      invocation has fewer, it starts at the first).
   """
 
   def __init__(self, log: IO[str] | None, clock: TrainClock, *,
                tokens_per_step: int, lag: int = 2, diverged_after: int = 20,
-               nonfinite: int = 0, on_record: Any = None):
+               nonfinite: int = 0, on_record: Any = None, warmup: int = 5):
     self.log, self.clock, self.lag = log, clock, lag
     self.tokens_per_step = tokens_per_step
     self.diverged_after = diverged_after
@@ -91,8 +94,9 @@ class MetricsSink:
     self._bad_run = 0
     self._pending: collections.deque[tuple[int, Any, dict[str, Any]]] = (
         collections.deque())
-    self._first: tuple[int, float] | None = None   # (step, time) fetched
+    self._fetched: list[tuple[int, float]] = []   # (step, time), first few
     self._last: tuple[int, float] | None = None
+    self._warmup = warmup
 
   def push(self, step: int, metrics: dict[str, Any],
            **host: Any) -> None:
@@ -111,8 +115,8 @@ class MetricsSink:
              host: dict[str, Any]) -> None:
     m = jax.device_get(metrics)
     now = self.clock.now()
-    if self._first is None:
-      self._first = (step, now)
+    if len(self._fetched) <= self._warmup:
+      self._fetched.append((step, now))
     self._last = (step, now)
     loss = float(m.pop("loss"))
     rec: dict[str, Any] = {"step": step, "loss": finite_or_none(loss),
@@ -136,8 +140,11 @@ class MetricsSink:
       self.on_record(rec)
 
   def timed(self) -> tuple[int, float]:
-    """``(tokens, seconds)`` from the first step fetched to the last."""
-    if self._first is None or self._last is None:
+    """``(tokens, seconds)`` from the ``warmup``-th step fetched (or the
+    first, if fewer were) to the last."""
+    if self._last is None:
       return 0, 0.0
-    steps = self._last[0] - self._first[0]
-    return steps * self.tokens_per_step, self._last[1] - self._first[1]
+    first = (self._fetched[self._warmup] if len(self._fetched) > self._warmup
+             else self._fetched[0])
+    steps = self._last[0] - first[0]
+    return steps * self.tokens_per_step, self._last[1] - first[1]

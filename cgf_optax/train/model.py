@@ -208,14 +208,16 @@ class Block(nnx.Module):
     return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
 
 
+#: Vocabularies up to this size are embedded by a one-hot matrix product.
+ONE_HOT_MAX_VOCAB = 1024
+
+
 class GPT(nnx.Module):
   """Decoder-only transformer over token ids; returns logits [batch, seq, vocab].
 
   Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
-
-from cgf_optax.nnx import remat_call
     >>> from cgf_optax.train import GPT, gpt_config
     >>> model = GPT(gpt_config("tiny", num_layers=1), rngs=nnx.Rngs(0))
     >>> model(jnp.zeros((2, 16), jnp.int32)).shape
@@ -237,6 +239,19 @@ from cgf_optax.nnx import remat_call
           dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
           kernel_init=_init(cfg, cfg.init_std, ("data", "model")), rngs=rngs)
 
+  def _embed(self, tokens: jax.Array) -> jax.Array:
+    """The token embeddings. For a small vocabulary, a one-hot matrix
+    product: the same values (the product picks one row, at full
+    precision), but its gradient is a matrix product too, where a gather's
+    is a scatter-add whose atomic updates collide on the frequent tokens of
+    real text (on a GPU, a byte model's step ran several times slower)."""
+    if self.cfg.vocab_size > ONE_HOT_MAX_VOCAB:
+      return self.embed(tokens)
+    dtype = jnp.dtype(self.cfg.dtype)
+    table = self.embed.embedding[...].astype(dtype)
+    return jnp.dot(jax.nn.one_hot(tokens, self.cfg.vocab_size, dtype=dtype),
+                   table, precision=jax.lax.Precision.HIGHEST)
+
   def __call__(self, tokens: jax.Array,
                hidden_hook: Callable[[int, jax.Array], jax.Array] | None = None
                ) -> jax.Array:
@@ -254,7 +269,7 @@ from cgf_optax.nnx import remat_call
     if tokens.shape[1] > self.cfg.max_seq_len:
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds "
                        f"max_seq_len={self.cfg.max_seq_len}")
-    x = self.embed(tokens)
+    x = self._embed(tokens)
     for i, block in enumerate(self.blocks):
       if self.cfg.remat:
         x = remat_call(block, x)   # visible to capture_context
