@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
 from benchmarks._results import write_json  # noqa: E402
-from cgf_optax.train import TrainConfig, data, loop  # noqa: E402
+from cgf_optax.train import data, loop  # noqa: E402
 from cgf_optax.train import feed as feed_mod  # noqa: E402
 from cgf_optax.train.config import parse_optimizer_spec  # noqa: E402
 from cgf_optax.train.optimizers import build_optimizer  # noqa: E402
