@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import optax
 
 from cgf_optax import _validation as v
 from cgf_optax.transforms import _collectives as coll
+from cgf_optax.transforms._guard import zero_nonfinite
 from cgf_optax.transforms.context_align import context_align
 from cgf_optax.transforms.decompose import Overrides, decompose
 from cgf_optax.transforms.entangle import entangle
@@ -23,40 +22,6 @@ CGFM_STATIC_ARGS = ("strategy", "num_scales", "rank", "refresh_every",
                     "intermediate_rank", "power_iters", "init_power_iters",
                     "seed", "overrides")
 CEGM_STATIC_ARGS = ("num_heads",)
-
-
-def _zero_nonfinite(
-    inner: optax.GradientTransformation,
-    axis_name: coll.LeafAxisName = None,
-) -> optax.GradientTransformationExtraArgs:
-  """Runs ``inner`` on zeros when the updates are not all finite.
-
-  ``inner``'s state (a momentum buffer) then stays finite; the step returned
-  is NaN, so the caller (or :func:`optax.apply_if_finite`) sees the bad step.
-  With ``axis_name`` (split axes inside ``shard_map``) every device takes
-  the same decision.
-  """
-  inner = optax.with_extra_args_support(inner)
-  axes_of = coll.leaf_axis_names("norm_axis_name", axis_name)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    # One reduction over the updates: the price of opting into momentum.
-    if axis_name is not None:
-      leaves, paths = coll.leaves_with_paths(updates)
-      sq = coll.global_sq_norm(leaves, paths, axes_of)
-    else:
-      sq = sum((jnp.sum(jnp.square(u.astype(jnp.float32)))
-                for u in jax.tree.leaves(updates)), start=jnp.float32(0))
-    finite = jnp.isfinite(sq)
-    safe = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)),
-                        updates)
-    out, state = inner.update(safe, state, params, **extra_args)
-    nan = jnp.float32(jnp.nan)
-    out = jax.tree.map(
-        lambda u: (u * jnp.where(finite, 1.0, nan)).astype(u.dtype), out)
-    return out, state
-
-  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 def _adam(b1: Any, b2: Any, eps: Any, mu_dtype: Any
@@ -177,7 +142,7 @@ def cgfm(
       scale_by_scales(local=local, intermediate=intermediate, global_=global_),
       modulate_by_gradient_norm(reference, max_factor, scope,
                                 axis_name=norm_axis_name),
-      (_zero_nonfinite(optax.trace(decay=momentum, nesterov=nesterov),
+      (zero_nonfinite(optax.trace(decay=momentum, nesterov=nesterov),
                        norm_axis_name)
        if momentum is not None else optax.identity()),
       optax.scale_by_learning_rate(learning_rate),
@@ -293,7 +258,7 @@ def cgfm_adamw(
       scale_by_scales(local=local, intermediate=intermediate, global_=global_),
       (modulate_step(adam, reference, max_factor, scope,
                      axis_name=norm_axis_name) if modulate
-       else _zero_nonfinite(adam, norm_axis_name)),
+       else zero_nonfinite(adam, norm_axis_name)),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -477,7 +442,7 @@ def cegm_adamw(
        if normalize_scope is not None else optax.identity()),
       # Zeros into Adam on a non-finite step, as in cgfm_adamw (the moments
       # stay finite; the step returned is NaN).
-      _zero_nonfinite(adam, norm_axis_name),
+      zero_nonfinite(adam, norm_axis_name),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -9,12 +9,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
+from cgf_optax import _paths
 from cgf_optax import _validation as v
 from cgf_optax.transforms import _collectives as coll
-from cgf_optax.transforms._leaves import path_str
-from cgf_optax.transforms._state import is_placeholder, not_params
+from cgf_optax.transforms._state import map_per_leaf
+
+__all__ = ["ContextAlignState", "context_align"]
 
 
 class ContextAlignState(NamedTuple):
@@ -36,9 +37,9 @@ class ContextAlignState(NamedTuple):
 
 def context_align(
     num_heads: int = 1,
-    gamma: float = 1.0,
-    rho: float = 0.9,
-    eps: float = 1e-12,
+    gamma: float | jax.Array = 1.0,
+    rho: float | jax.Array = 0.9,
+    eps: float | jax.Array = 1e-12,
     *,
     require_context: bool = True,
     axis_name: coll.AxisName = None,
@@ -127,8 +128,10 @@ def context_align(
            [1., 1., 1.]], dtype=float32)
 
   References:
-    CEGM, Algorithm 1 lines 8–9 and Section "Implementation" (multi-head
-    attention and recurrent context aggregation) (``../shared/seeds``).
+    Sisate et al., *Contextually Entangled Gradient Mapping for Optimized
+    LLM Comprehension*,
+    Section III.B: Algorithm 1 lines 8–9, and the multi-head attention and
+    recurrent context aggregation of its implementation.
   """
   num_heads = v.static_int("num_heads", num_heads, minimum=1,
                            static_names=("num_heads",))
@@ -146,9 +149,6 @@ def context_align(
     return leaf.shape[0] // num_heads
 
   def init_fn(params: Any) -> ContextAlignState:
-    if is_placeholder(params):  # optax.tree.map_params: nothing params-shaped
-      return ContextAlignState(count=jnp.zeros([], jnp.int32),
-                               context=not_params(), steps=not_params())
     v.real_float_leaves("context_align", params)
 
     def ctx(leaf):
@@ -159,8 +159,8 @@ def context_align(
       return None if heads_of(leaf) is None else jnp.zeros([], jnp.int32)
 
     return ContextAlignState(count=jnp.zeros([], jnp.int32),
-                             context=jax.tree.map(ctx, params),
-                             steps=jax.tree.map(steps, params))
+                             context=map_per_leaf(ctx, params),
+                             steps=map_per_leaf(steps, params))
 
   def update_fn(updates, state, params=None, *, context=None, **extra_args):
     del params, extra_args
@@ -178,8 +178,7 @@ def context_align(
       raise v.HyperparameterTypeError(
           f"`context` must be a mapping {{path: activations}}, got "
           f"{type(context).__name__}.")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    paths = [path_str(p) for p, _ in flat]
+    grads, paths, treedef = _paths.flatten(updates)
     unknown = sorted(set(context) - set(paths))
     if unknown:
       raise ValueError(
@@ -188,7 +187,7 @@ def context_align(
     ctx_states = treedef.flatten_up_to(state.context)
     step_states = treedef.flatten_up_to(state.steps)
     out, new_ctx, new_steps = [], list(ctx_states), list(step_states)
-    for i, (path, (_, g)) in enumerate(zip(paths, flat, strict=True)):
+    for i, (path, g) in enumerate(zip(paths, grads, strict=True)):
       c = context.get(path)
       if c is None:
         out.append(g)
@@ -207,20 +206,25 @@ def context_align(
         raise ValueError(
             f"context_align: num_heads={num_heads} does not divide the fan-in "
             f"{g.shape[0]} of '{path}' (kernel shape {g.shape}).")
-      e, m, k = _align(g, c, ctx_states[i], step_states[i], num_heads, gamma,
-                       rho, eps, batch_axes)
+      e, m, k = _align(g, c, ctx_states[i], step_states[i],
+                       num_heads=num_heads, gamma=gamma, rho=rho, eps=eps,
+                       batch_axes=batch_axes)
       out.append(e)
       new_ctx[i], new_steps[i] = m, k
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
     return unflat(out), ContextAlignState(
-        count=numerics.safe_increment(state.count), context=unflat(new_ctx),
+        count=optax.safe_increment(state.count), context=unflat(new_ctx),
         steps=unflat(new_steps))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _align(g, c, m, k, num_heads, gamma, rho, eps, batch_axes=()):
-  """One leaf: pool the context, update its EMA, amplify ``g`` along it.
+def _align(g: jax.Array, c: jax.Array, m: jax.Array, k: jax.Array, *,
+           num_heads: int, gamma: Any, rho: Any, eps: Any,
+           batch_axes: tuple[str, ...] = ()
+           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One leaf: pool the context ``c``, update its EMA ``m`` (``k`` contexts
+  folded in so far), amplify the gradient ``g`` along it.
 
   With ``batch_axes`` (inside ``shard_map``) the softmax over tokens spans
   the tokens of every device along them.

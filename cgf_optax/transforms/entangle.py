@@ -7,11 +7,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
 from cgf_optax import _validation as v
 from cgf_optax.transforms import _collectives as coll
-from cgf_optax.transforms._state import is_placeholder
+
+__all__ = ["EntangleState", "entangle"]
 
 _F32_TINY = float(jnp.finfo(jnp.float32).tiny)
 
@@ -34,9 +34,9 @@ class EntangleState(NamedTuple):
 
 
 def entangle(
-    lam: float = 0.9,
-    adapt_rate: float = 0.0,
-    lam_bounds: tuple[float, float] = (0.05, 1.0),
+    lam: float | jax.Array = 0.9,
+    adapt_rate: float | jax.Array = 0.0,
+    lam_bounds: tuple[float | jax.Array, float | jax.Array] = (0.05, 1.0),
     *,
     state_dtype: Any = None,
     axis_name: coll.AxisName = None,
@@ -98,7 +98,9 @@ def entangle(
     (Array([1., 2.], dtype=float32), Array([0.5, 1. ], dtype=float32))
 
   References:
-    CEGM, Algorithm 1 lines 2, 7 and 12 (``../shared/seeds``).
+    Sisate et al., *Contextually Entangled Gradient Mapping for Optimized
+    LLM Comprehension*,
+    Section III.B, Algorithm 1 lines 2, 7 and 12.
   """
   if not isinstance(lam_bounds, (tuple, list)) or len(lam_bounds) != 2:
     raise v.HyperparameterTypeError(
@@ -126,8 +128,7 @@ def entangle(
   batch_axes = coll.axis_names("axis_name", axis_name)
 
   def init_fn(params: Any) -> EntangleState:
-    if not is_placeholder(params):
-      v.real_float_leaves("entangle", params)
+    v.real_float_leaves("entangle", params)
     return EntangleState(
         count=jnp.zeros([], jnp.int32),
         lam=jnp.asarray(lam, jnp.float32),
@@ -177,7 +178,7 @@ def entangle(
       new_lam = jnp.where(jnp.isfinite(new_lam), new_lam, lam_t)
       new_prev_loss = jnp.where(ok, loss, state.prev_loss)
     return out, EntangleState(
-        count=numerics.safe_increment(state.count), lam=new_lam, prev=prev,
+        count=optax.safe_increment(state.count), lam=new_lam, prev=prev,
         prev_loss=new_prev_loss)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

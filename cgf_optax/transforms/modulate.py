@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
 from cgf_optax import _validation as v
 from cgf_optax.transforms import _collectives as coll
+from cgf_optax.transforms._guard import guarded_update
 from cgf_optax.transforms._scales import is_scales
-from cgf_optax.transforms._state import is_placeholder
+from cgf_optax.transforms._state import map_per_leaf
 
+__all__ = ["ModulateState", "ModulateStepState", "ModulateReference", "ModulateScope",
+           "modulate_by_gradient_norm", "modulate_step"]
+
+ModulateReference = Literal["first", "ema"]
+"""The reference norm of the modulation: the first step's, or an EMA."""
+ModulateScope = Literal["global", "leaf"]
+"""One norm for the whole tree, or one per leaf."""
 REFERENCES = ("first", "ema")
 SCOPES = ("global", "leaf")
 
@@ -44,19 +51,13 @@ class ModulateState(NamedTuple):
   finite: Any
 
 
-def _sq_norm(x: Any) -> jax.Array:
-  leaves = jax.tree.leaves(x)
-  return sum((jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves),
-             start=jnp.zeros([], jnp.float32))
-
-
 def modulate_by_gradient_norm(
-    reference: str = "first",
-    max_factor: float | None = None,
-    scope: str = "global",
-    eps: float = 1e-12,
+    reference: ModulateReference = "first",
+    max_factor: float | jax.Array | None = None,
+    scope: ModulateScope = "global",
+    eps: float | jax.Array = 1e-12,
     *,
-    ema_decay: float = 0.99,
+    ema_decay: float | jax.Array = 0.99,
     axis_name: coll.LeafAxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Multiplies the updates by :math:`1 + \|\nabla_\text{adj}\| / \|\nabla\theta_0\|`.
@@ -123,7 +124,9 @@ def modulate_by_gradient_norm(
     Array(3., dtype=float32)
 
   References:
-    CGFM, Algorithm 1 line 14 (``../shared/seeds``).
+    Quillington et al., *Contextual Gradient Flow Modeling for Large
+    Language Model Generalization in Multi-Scale Feature Spaces*,
+    Section 3.3, Algorithm 1 line 14.
   """
   reference = v.choice("reference", reference, REFERENCES)
   scope = v.choice("scope", scope, SCOPES)
@@ -134,17 +137,15 @@ def modulate_by_gradient_norm(
   if not v.is_traced(ema_decay) and float(ema_decay) >= 1:
     raise ValueError(f"`ema_decay` must be < 1, got {float(ema_decay)}.")
   axes_of = coll.leaf_axis_names("axis_name", axis_name)
-  sharded = axis_name is not None
 
   def scalars(params: Any, value: float, dtype: Any) -> Any:
-    if scope == "global" or is_placeholder(params):
+    if scope == "global":
       return jnp.full([], value, dtype)
-    return jax.tree.map(lambda _: jnp.full([], value, dtype), params,
+    return map_per_leaf(lambda _: jnp.full([], value, dtype), params,
                         is_leaf=is_scales)
 
   def init_fn(params: Any) -> ModulateState:
-    if not is_placeholder(params):
-      v.real_float_leaves("modulate_by_gradient_norm", params)
+    v.real_float_leaves("modulate_by_gradient_norm", params)
     return ModulateState(
         count=jnp.zeros([], jnp.int32),
         reference=scalars(params, 0.0, jnp.float32),
@@ -177,24 +178,13 @@ def modulate_by_gradient_norm(
     del params, extra_args
     v.real_float_leaves("modulate_by_gradient_norm", updates, "updates")
     if scope == "global":
-      if sharded:
-        parts, paths = coll.leaves_with_paths(updates, is_scales)
-        norm = jnp.sqrt(coll.global_sq_norm(parts, paths, axes_of))
-      else:
-        norm = jnp.sqrt(_sq_norm(updates))
+      norm = jnp.sqrt(coll.tree_sq_norm(updates, axes_of, is_scales))
       factor, ref, steps, norm, finite = step(norm, state.reference,
                                               state.ref_steps)
       out = jax.tree.map(lambda u: (u * factor).astype(u.dtype), updates)
     else:
-      if sharded:
-        parts, paths = coll.leaves_with_paths(updates, is_scales)
-        sq = coll.sq_norms(parts, paths, axes_of)
-        norms = jax.tree.unflatten(
-            jax.tree.structure(updates, is_leaf=is_scales),
-            [jnp.sqrt(x) for x in sq])
-      else:
-        norms = jax.tree.map(lambda u: jnp.sqrt(_sq_norm(u)), updates,
-                             is_leaf=is_scales)
+      norms = jax.tree.map(jnp.sqrt,
+                           coll.leaf_sq_norms(updates, axes_of, is_scales))
       res = jax.tree.map(step, norms, state.reference, state.ref_steps)
       treedef = jax.tree.structure(norms)
       flat = treedef.flatten_up_to(res)   # [(factor, ref, ...) per leaf]
@@ -205,7 +195,7 @@ def modulate_by_gradient_norm(
           lambda u, f: jax.tree.map(lambda x: (x * f).astype(x.dtype), u),
           updates, factor, is_leaf=is_scales)
     return out, ModulateState(
-        count=numerics.safe_increment(state.count), reference=ref,
+        count=optax.safe_increment(state.count), reference=ref,
         ref_steps=steps, norm=norm, factor=factor, finite=finite)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -220,12 +210,12 @@ class ModulateStepState(NamedTuple):
 
 def modulate_step(
     inner: optax.GradientTransformation,
-    reference: str = "first",
-    max_factor: float | None = None,
-    scope: str = "global",
-    eps: float = 1e-12,
+    reference: ModulateReference = "first",
+    max_factor: float | jax.Array | None = None,
+    scope: ModulateScope = "global",
+    eps: float | jax.Array = 1e-12,
     *,
-    ema_decay: float = 0.99,
+    ema_decay: float | jax.Array = 0.99,
     axis_name: coll.LeafAxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``inner`` and scales its output by the factor of its *input*'s norm.
@@ -267,7 +257,9 @@ def modulate_step(
     Array([ 2., -2.], dtype=float32)
 
   References:
-    CGFM, Algorithm 1 line 14 (``../shared/seeds``).
+    Quillington et al., *Contextual Gradient Flow Modeling for Large
+    Language Model Generalization in Multi-Scale Feature Spaces*,
+    Section 3.3, Algorithm 1 line 14.
   """
   inner = optax.with_extra_args_support(v.transformation("inner", inner))
   modulation = modulate_by_gradient_norm(
@@ -283,20 +275,10 @@ def modulate_step(
     flags = jax.tree.leaves(mod_state.finite)
     finite = jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
     # A non-finite gradient (seen through its norm, already computed) must not
-    # poison the inner optimizer's state: the inner sees zeros instead. (A
-    # select on the input fuses into the inner update; a select between old
-    # and new states would defeat in-place updates of donated buffers.)
-    safe = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)),
-                        updates)
-    out, inner_state = inner.update(safe, state.inner, params, **extra_args)
-    factor = mod_state.factor
-    nan = jnp.float32(jnp.nan)
-    if scope == "global":
-      factor = jnp.where(finite, factor, nan)
-      out = jax.tree.map(lambda u: (u * factor).astype(u.dtype), out)
-    else:
-      out = jax.tree.map(lambda u, f: (u * jnp.where(finite, f, nan)).astype(
-          u.dtype), out, factor)
+    # poison the inner optimizer's state.
+    out, inner_state = guarded_update(
+        inner, finite, mod_state.factor, updates, state.inner, params,
+        per_leaf=scope == "leaf", **extra_args)
     return out, ModulateStepState(modulation=mod_state, inner=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
