@@ -30,10 +30,10 @@ class Arg(NamedTuple):
 
 
 def of(fn: Callable[..., Any], names: Mapping[str, str] | tuple[str, ...],
-       **defaults: Any) -> dict[str, Arg]:
+       *, positional: bool = False, **defaults: Any) -> dict[str, Arg]:
   """``fn``'s parameters as shared arguments, with ``fn``'s defaults unless
   given in ``defaults``; ``names`` maps an alias's name to ``fn``'s (a tuple:
-  the same names)."""
+  the same names). With ``positional`` they may be passed by position."""
   if isinstance(names, tuple):
     names = {n: n for n in names}
   params = inspect.signature(fn).parameters
@@ -42,7 +42,7 @@ def of(fn: Callable[..., Any], names: Mapping[str, str] | tuple[str, ...],
     p = params[own]
     what = "" if own == name else f"``{own}`` of "
     out[name] = Arg(defaults.get(name, p.default), p.annotation,
-                    f"see {what}:func:`cgf_optax.{fn.__name__}`.")
+                    f"see {what}:func:`cgf_optax.{fn.__name__}`.", positional)
   return out
 
 

@@ -115,6 +115,16 @@ def cgfm_decompose(**shared: Any) -> optax.GradientTransformationExtraArgs:
   return decompose(**shared)
 
 
+def _pick(shared: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+  return {k: shared[k] for k in group}
+
+
+def _cgfm_front(shared: dict[str, Any]) -> list[optax.GradientTransformation]:
+  """decompose → scale_by_scales: the CGFM aliases' first steps."""
+  coll.leaf_axis_names("norm_axis_name", shared["norm_axis_name"])
+  return [cgfm_decompose(**shared), scale_by_scales(**_pick(shared, _SCALES))]
+
+
 def _adam(b1: Any, b2: Any, eps: Any, mu_dtype: Any
           ) -> optax.GradientTransformation:
   """`optax.scale_by_adam`, its arguments checked (Optax does not check)."""
@@ -129,6 +139,20 @@ def _adam(b1: Any, b2: Any, eps: Any, mu_dtype: Any
   if mu_dtype is not None:
     mu_dtype = v.float_dtype("mu_dtype", mu_dtype)
   return optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+
+
+def _adamw_parts(learning_rate: Any, shared: dict[str, Any]
+                 ) -> tuple[optax.GradientTransformation,
+                            list[optax.GradientTransformation]]:
+  """Adam, and what follows it: decoupled weight decay and −learning rate."""
+  v.number_or_schedule("learning_rate", learning_rate)
+  v.number("weight_decay", shared["weight_decay"], minimum=0.0)
+  v.mask("mask", shared["mask"])
+  adam = _adam(shared["b1"], shared["b2"], shared["adam_eps"],
+               shared["mu_dtype"])
+  return adam, [optax.add_decayed_weights(shared["weight_decay"],
+                                          shared["mask"]),
+                optax.scale_by_learning_rate(learning_rate)]
 
 
 @args.with_shared(_DECOMPOSE, _SCALES, _MODULATION, _CGFM_SHARDING)
@@ -190,11 +214,9 @@ def cgfm(
     v.number("momentum", momentum, minimum=0.0, maximum=1.0)
   nesterov = v.boolean("nesterov", nesterov)
   axis_name = shared["norm_axis_name"]
-  coll.leaf_axis_names("norm_axis_name", axis_name)
   return optax.chain(
-      cgfm_decompose(**shared),
-      scale_by_scales(**{k: shared[k] for k in _SCALES}),
-      modulate_by_gradient_norm(**{k: shared[k] for k in _MODULATION},
+      *_cgfm_front(shared),
+      modulate_by_gradient_norm(**_pick(shared, _MODULATION),
                                 axis_name=axis_name),
       (zero_nonfinite(optax.trace(decay=momentum, nesterov=nesterov),
                       axis_name)
@@ -254,23 +276,13 @@ def cgfm_adamw(
     Loshchilov & Hutter, 2019, *Decoupled Weight Decay Regularization*
     (arXiv:1711.05101), Algorithm 2.
   """
-  v.number_or_schedule("learning_rate", learning_rate)
-  v.number("weight_decay", shared["weight_decay"], minimum=0.0)
+  adam, tail = _adamw_parts(learning_rate, shared)
   modulate = v.boolean("modulate", modulate)
-  v.mask("mask", shared["mask"])
   axis_name = shared["norm_axis_name"]
-  coll.leaf_axis_names("norm_axis_name", axis_name)
-  adam = _adam(shared["b1"], shared["b2"], shared["adam_eps"],
-               shared["mu_dtype"])
-  return optax.chain(
-      cgfm_decompose(**shared),
-      scale_by_scales(**{k: shared[k] for k in _SCALES}),
-      (modulate_step(adam, **{k: shared[k] for k in _MODULATION},
-                     axis_name=axis_name) if modulate
-       else zero_nonfinite(adam, axis_name)),
-      optax.add_decayed_weights(shared["weight_decay"], shared["mask"]),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  front = _cgfm_front(shared)
+  inner = (modulate_step(adam, **_pick(shared, _MODULATION), axis_name=axis_name)
+           if modulate else zero_nonfinite(adam, axis_name))
+  return optax.chain(*front, inner, *tail)
 
 
 def _cegm_steps(shared: dict[str, Any]) -> list[optax.GradientTransformation]:
@@ -282,9 +294,9 @@ def _cegm_steps(shared: dict[str, Any]) -> list[optax.GradientTransformation]:
   coll.axis_names("axis_name", shared["axis_name"])
   coll.leaf_axis_names("norm_axis_name", shared["norm_axis_name"])
   return [
-      entangle(**{k: shared[k] for k in _ENTANGLE},
+      entangle(**_pick(shared, _ENTANGLE),
                axis_name=shared["axis_name"]),
-      context_align(**{k: shared[k] for k in _CONTEXT},
+      context_align(**_pick(shared, _CONTEXT),
                     axis_name=shared["axis_name"]),
       (normalize(scope, shared["normalize_eps"],
                  axis_name=shared["norm_axis_name"])
@@ -316,6 +328,7 @@ def cegm(
   Args:
     learning_rate: η, a number or an :class:`optax.Schedule`.
     {shared_args}
+
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
 
@@ -364,13 +377,17 @@ def cegm_adamw(
   Args:
     learning_rate: a number or an :class:`optax.Schedule`.
     {shared_args}
+
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
 
   Example:
     >>> import jax.numpy as jnp, cgf_optax
-    >>> tx = cgf_optax.cegm_adamw(1e-3, weight_decay=0.01, num_heads=2)
-    >>> state = tx.init({"w": jnp.zeros((8, 8))})
+    >>> tx = cgf_optax.cegm_adamw(1e-3, num_heads=2, require_context=False)
+    >>> params = {"w": jnp.ones((8, 4))}
+    >>> updates, state = tx.update(params, tx.init(params), params, value=1.0)
+    >>> updates["w"].shape
+    (8, 4)
 
   References:
     Sisate et al., *Contextually Entangled Gradient Mapping for
@@ -378,17 +395,8 @@ def cegm_adamw(
     Loshchilov & Hutter, 2019, *Decoupled Weight Decay Regularization*
     (arXiv:1711.05101), Algorithm 2.
   """
-  v.number_or_schedule("learning_rate", learning_rate)
-  v.number("weight_decay", shared["weight_decay"], minimum=0.0)
-  v.mask("mask", shared["mask"])
-  steps = _cegm_steps(shared)
-  adam = _adam(shared["b1"], shared["b2"], shared["adam_eps"],
-               shared["mu_dtype"])
-  return optax.chain(
-      *steps,
-      # Zeros into Adam on a non-finite step, as in cgfm_adamw (the moments
-      # stay finite; the step returned is NaN).
-      zero_nonfinite(adam, shared["norm_axis_name"]),
-      optax.add_decayed_weights(shared["weight_decay"], shared["mask"]),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  adam, tail = _adamw_parts(learning_rate, shared)
+  # Zeros into Adam on a non-finite step, as in cgfm_adamw (the moments stay
+  # finite; the step returned is NaN).
+  return optax.chain(*_cegm_steps(shared),
+                     zero_nonfinite(adam, shared["norm_axis_name"]), *tail)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cgf_optax import _arguments
 from cgf_optax import _validation as v
 from cgf_optax.transforms import _collectives as coll
 from cgf_optax.transforms._guard import guarded_update
@@ -208,15 +209,13 @@ class ModulateStepState(NamedTuple):
   inner: Any
 
 
+@_arguments.with_shared(
+    _arguments.of(modulate_by_gradient_norm,
+                  ("reference", "max_factor", "scope", "eps"), positional=True),
+    _arguments.of(modulate_by_gradient_norm, ("ema_decay", "axis_name")))
 def modulate_step(
     inner: optax.GradientTransformation,
-    reference: ModulateReference = "first",
-    max_factor: float | jax.Array | None = None,
-    scope: ModulateScope = "global",
-    eps: float | jax.Array = 1e-12,
-    *,
-    ema_decay: float | jax.Array = 0.99,
-    axis_name: coll.LeafAxisName = None,
+    **modulation: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``inner`` and scales its output by the factor of its *input*'s norm.
 
@@ -231,18 +230,15 @@ def modulate_step(
   :func:`optax.apply_if_finite` or the caller sees the bad step as they would
   with any Optax optimizer.
 
+  Inside :func:`jax.shard_map`, ``axis_name`` names the axes the leaves are
+  split over, as for :func:`modulate_by_gradient_norm`; the finiteness check
+  then agrees on every device. ``inner`` must be element-wise (Adam is) or
+  do its own reductions.
+
   Args:
     inner: the transformation whose step is modulated (e.g.
       :func:`optax.scale_by_adam`).
-    reference: see :func:`modulate_by_gradient_norm`.
-    max_factor: see :func:`modulate_by_gradient_norm`.
-    scope: see :func:`modulate_by_gradient_norm`.
-    eps: see :func:`modulate_by_gradient_norm`.
-    ema_decay: see :func:`modulate_by_gradient_norm`.
-    axis_name: see :func:`modulate_by_gradient_norm` (inside
-      :func:`jax.shard_map`: the axes the leaves are split over; the
-      finiteness check then agrees on every device). ``inner`` must be
-      element-wise (Adam is) or do its own reductions.
+    {shared_args}
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` with state
@@ -262,9 +258,8 @@ def modulate_step(
     Section 3.3, Algorithm 1 line 14.
   """
   inner = optax.with_extra_args_support(v.transformation("inner", inner))
-  modulation = modulate_by_gradient_norm(
-      reference, max_factor, scope, eps, ema_decay=ema_decay,
-      axis_name=axis_name)
+  per_leaf = modulation["scope"] == "leaf"
+  modulation = modulate_by_gradient_norm(**modulation)
 
   def init_fn(params: Any) -> ModulateStepState:
     return ModulateStepState(modulation=modulation.init(params),
@@ -278,7 +273,7 @@ def modulate_step(
     # poison the inner optimizer's state.
     out, inner_state = guarded_update(
         inner, finite, mod_state.factor, updates, state.inner, params,
-        per_leaf=scope == "leaf", **extra_args)
+        per_leaf=per_leaf, **extra_args)
     return out, ModulateStepState(modulation=mod_state, inner=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

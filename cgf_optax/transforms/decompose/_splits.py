@@ -32,7 +32,7 @@ def mean_split(g: jax.Array, view: MatrixView | None, num_scales: int) -> Scales
 
 
 def _ema(m: jax.Array, g: jax.Array, decay: Any, ok: jax.Array) -> jax.Array:
-  new = (decay * m + (1 - decay) * g.astype(m.dtype)).astype(m.dtype)
+  new = optax.tree.update_moment(g.astype(m.dtype), m, decay, 1).astype(m.dtype)
   # `ok` (the gradient entry is finite) is not enough when the EMA's dtype is
   # narrower than the gradient's (float16): a finite entry may overflow it.
   return jnp.where(ok & jnp.isfinite(new), new, m)

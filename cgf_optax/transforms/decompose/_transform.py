@@ -7,6 +7,7 @@ rules are in :mod:`._rules`, the strategies in :mod:`._lowrank` and
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -238,69 +239,85 @@ def decompose(
   if not isinstance(stagger, bool):
     raise v.HyperparameterTypeError(
         f"`stagger` must be a bool, got {type(stagger).__name__} {stagger!r}.")
-  planner = Planner(strategy, num_scales, rank, intermediate_rank,
-                    vector_scale, nd_rule, compile_overrides(overrides))
-  basis_dtype = v.float_dtype("basis_dtype", basis_dtype)
-  ema_dtype = None if ema_dtype is None else v.float_dtype("ema_dtype", ema_dtype)
-  schedule = _lowrank.Schedule(refresh_every, power_iters, init_power_iters,
-                               stagger, rotate=num_scales == 3)
+  cfg = _Config(
+      Planner(strategy, num_scales, rank, intermediate_rank, vector_scale,
+              nd_rule, compile_overrides(overrides)),
+      _lowrank.Schedule(refresh_every, power_iters, init_power_iters,
+                        stagger, rotate=num_scales == 3),
+      seed, v.float_dtype("basis_dtype", basis_dtype),
+      None if ema_dtype is None else v.float_dtype("ema_dtype", ema_dtype),
+      fast_decay, slow_decay)
+  return optax.GradientTransformationExtraArgs(
+      functools.partial(_init, cfg), functools.partial(_update, cfg))
 
-  def init_fn(params: Any) -> DecomposeState:
-    if is_placeholder(params):  # optax.tree.map_params: nothing params-shaped
-      return DecomposeState(count=jnp.zeros([], jnp.int32), basis=not_params(),
-                            slow=not_params(), fast=not_params())
-    v.real_float_leaves("decompose", params)
-    leaves, plans, treedef = planner.plans(params)
-    key = jax.random.key(seed)
-    basis, slow, fast = [], [], []
-    for i, (leaf, p) in enumerate(zip(leaves, plans, strict=True)):
-      b = s = f = None
-      if p.kind == "lowrank":
-        b = _lowrank.init_basis(jax.random.fold_in(key, i), p, basis_dtype)
-      elif p.kind == "temporal":
-        s = jnp.zeros_like(leaf, dtype=ema_dtype or leaf.dtype)  # its sharding
-        f = jnp.zeros_like(s) if num_scales == 3 else None
-      basis.append(b)
-      slow.append(s)
-      fast.append(f)
-    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
-    return DecomposeState(count=jnp.zeros([], jnp.int32), basis=unflat(basis),
-                          slow=unflat(slow), fast=unflat(fast))
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
-    v.real_float_leaves("decompose", updates, "updates")
-    leaves, plans, treedef = planner.plans(updates)
-    bases = treedef.flatten_up_to(state.basis)
-    slows = treedef.flatten_up_to(state.slow)
-    fasts = treedef.flatten_up_to(state.fast)
-    lr = [i for i, p in enumerate(plans) if p.kind == "lowrank"]
-    if lr:   # 1. refresh the low-rank bases (when the schedule says so)
-      new_qs = _lowrank.refresh_bases(
-          [plans[i].view.to_matrix(leaves[i]) for i in lr],
-          [bases[i] for i in lr], [plans[i] for i in lr], state.count,
-          schedule)
-      for i, q in zip(lr, new_qs, strict=True):
-        bases[i] = q
-    count = optax.safe_increment(state.count)
-    out = []
-    for i, (g, p) in enumerate(zip(leaves, plans, strict=True)):   # 2. split
-      if p.kind == "whole":
-        out.append(whole(g, p.scale))
-      elif p.kind == "lowrank":
-        out.append(_lowrank.split(g, bases[i], p))
-      elif p.kind == "mean":
-        out.append(mean_split(g, p.view, num_scales))
-      else:
-        parts, slows[i], fasts[i] = temporal_split(
-            g, slows[i], fasts[i], count, slow_decay, fast_decay)
-        out.append(parts)
-    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
-    return unflat(out), DecomposeState(
-        count=count, basis=unflat(bases), slow=unflat(slows),
-        fast=unflat(fasts))
+class _Config(NamedTuple):
+  """The checked arguments of one :func:`decompose`."""
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  planner: Planner
+  schedule: _lowrank.Schedule
+  seed: int
+  basis_dtype: Any
+  ema_dtype: Any
+  fast_decay: Any
+  slow_decay: Any
+
+
+def _init(cfg: _Config, params: Any) -> DecomposeState:
+  if is_placeholder(params):  # optax.tree.map_params: nothing params-shaped
+    return DecomposeState(count=jnp.zeros([], jnp.int32), basis=not_params(),
+                          slow=not_params(), fast=not_params())
+  v.real_float_leaves("decompose", params)
+  leaves, plans, treedef = cfg.planner.plans(params)
+  key = jax.random.key(cfg.seed)
+  basis, slow, fast = [], [], []
+  for i, (leaf, p) in enumerate(zip(leaves, plans, strict=True)):
+    b = s = f = None
+    if p.kind == "lowrank":
+      b = _lowrank.init_basis(jax.random.fold_in(key, i), p, cfg.basis_dtype)
+    elif p.kind == "temporal":
+      s = jnp.zeros_like(leaf, dtype=cfg.ema_dtype or leaf.dtype)  # sharded
+      f = jnp.zeros_like(s) if cfg.planner.num_scales == 3 else None
+    basis.append(b)
+    slow.append(s)
+    fast.append(f)
+  unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
+  return DecomposeState(count=jnp.zeros([], jnp.int32), basis=unflat(basis),
+                        slow=unflat(slow), fast=unflat(fast))
+
+
+def _update(cfg: _Config, updates: Any, state: DecomposeState,
+            params: Any = None, **extra_args: Any) -> tuple[Any, DecomposeState]:
+  del params, extra_args
+  v.real_float_leaves("decompose", updates, "updates")
+  leaves, plans, treedef = cfg.planner.plans(updates)
+  bases = treedef.flatten_up_to(state.basis)
+  slows = treedef.flatten_up_to(state.slow)
+  fasts = treedef.flatten_up_to(state.fast)
+  lr = [i for i, p in enumerate(plans) if p.kind == "lowrank"]
+  if lr:   # 1. refresh the low-rank bases (when the schedule says so)
+    new_qs = _lowrank.refresh_bases(
+        [plans[i].view.to_matrix(leaves[i]) for i in lr],
+        [bases[i] for i in lr], [plans[i] for i in lr], state.count,
+        cfg.schedule)
+    for i, q in zip(lr, new_qs, strict=True):
+      bases[i] = q
+  count = optax.safe_increment(state.count)
+  out = []
+  for i, (g, p) in enumerate(zip(leaves, plans, strict=True)):   # 2. split
+    if p.kind == "whole":
+      out.append(whole(g, p.scale))
+    elif p.kind == "lowrank":
+      out.append(_lowrank.split(g, bases[i], p))
+    elif p.kind == "mean":
+      out.append(mean_split(g, p.view, cfg.planner.num_scales))
+    else:
+      parts, slows[i], fasts[i] = temporal_split(
+          g, slows[i], fasts[i], count, cfg.slow_decay, cfg.fast_decay)
+      out.append(parts)
+  unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
+  return unflat(out), DecomposeState(
+      count=count, basis=unflat(bases), slow=unflat(slows), fast=unflat(fasts))
 
 
 def _check_decays(fast_decay: Any, slow_decay: Any, strategy: str) -> None:
