@@ -96,6 +96,47 @@ def _quiet_abandoned_reads() -> None:
   sys.unraisablehook = hook
 
 
+def _key_name(key: Any) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _array_names(tree: Any) -> set[str]:
+  """Orbax's names of the arrays of ``tree`` (``opt_state.0.lam``)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {".".join(_key_name(k) for k in path) for path, _ in flat}
+
+
+# Arrays added to a state's layout, and what a checkpoint without them is.
+_ADDED = {"has_loss": "EntangleState.has_loss (cgf_optax replaced the NaN "
+                      "'no loss yet' of prev_loss by this flag, issue 18)"}
+
+
+def _layout_problem(saved: set[str], here: set[str]) -> str | None:
+  """Why a checkpoint holding arrays ``saved`` cannot restore ``here``."""
+  missing, extra = sorted(here - saved), sorted(saved - here)
+  if not missing and not extra:
+    return None
+  parts = []
+  if missing:
+    parts.append(f"this run's state has {len(missing)} array(s) the "
+                 f"checkpoint lacks ({', '.join(missing[:4])}"
+                 f"{', ...' if len(missing) > 4 else ''})")
+  if extra:
+    parts.append(f"the checkpoint has {len(extra)} array(s) this run's state "
+                 f"lacks ({', '.join(extra[:4])}"
+                 f"{', ...' if len(extra) > 4 else ''})")
+  text = "its layout differs: " + "; ".join(parts)
+  added = sorted({v for m in missing for k, v in _ADDED.items()
+                  if m.rsplit(".", 1)[-1] == k})
+  if added:
+    text += (f"; it was written by an older cgf_optax, before "
+             f"{', '.join(added)}: resume it with that version, or start anew")
+  return text
+
+
 class CheckpointError(ValueError):
   """A checkpoint that is missing, corrupt or from a different run."""
 
@@ -251,6 +292,15 @@ class RunCheckpointer:
             f"checkpoint {where} is from a different run: "
             f"{_diff(meta.get(key), value, key)}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+      saved = _array_names(
+          ocp.StandardCheckpointHandler().metadata(where / "state").tree)
+    except Exception:  # noqa: BLE001 - the restore below reports it
+      saved = None
+    problem = saved and _layout_problem(saved, _array_names(abstract))
+    if problem:
+      raise CheckpointError(f"checkpoint {where} does not match this "
+                            f"model/optimizer: {problem}{hint}")
     try:
       state = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract)))["state"]

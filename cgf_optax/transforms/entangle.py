@@ -23,14 +23,18 @@ class EntangleState(NamedTuple):
     count: number of updates so far (int32).
     lam: the current entanglement coefficient λ (float32).
     prev: :math:`G_{t-1}`, the last entangled gradient (params-shaped).
-    prev_loss: the last finite loss passed as ``value`` (float32; NaN before
+    prev_loss: the last finite loss passed as ``value`` (float32; 0 before
       the first one).
+    has_loss: whether ``prev_loss`` holds a loss yet (bool). "No loss yet"
+      is this flag, not a NaN, so a fresh state is finite and runs under
+      ``jax_debug_nans``.
   """
 
   count: jax.Array
   lam: jax.Array
   prev: Any
   prev_loss: jax.Array
+  has_loss: jax.Array
 
 
 def entangle(
@@ -132,7 +136,8 @@ def entangle(
         count=jnp.zeros([], jnp.int32),
         lam=jnp.asarray(lam, jnp.float32),
         prev=optax.tree.zeros_like(params, dtype=state_dtype),
-        prev_loss=jnp.full([], jnp.nan, jnp.float32))
+        prev_loss=jnp.zeros([], jnp.float32),
+        has_loss=jnp.zeros([], jnp.bool_))
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
     del params, extra_args
@@ -153,7 +158,7 @@ def entangle(
 
     prev = jax.tree.map(keep, updates, state.prev, out)
 
-    new_lam, new_prev_loss = lam_t, state.prev_loss
+    new_lam, new_prev_loss, new_has_loss = lam_t, state.prev_loss, state.has_loss
     if value is not None:
       try:
         loss = jnp.asarray(value, jnp.float32)
@@ -167,7 +172,7 @@ def entangle(
       if batch_axes:
         loss = jax.lax.pmean(loss, batch_axes)
       ok = jnp.isfinite(loss)
-      have_prev = jnp.isfinite(state.prev_loss)
+      have_prev = state.has_loss
       denom = jnp.maximum(jnp.abs(state.prev_loss), 1e-12)
       rel = (state.prev_loss - loss) / denom
       rel = jnp.where(ok & have_prev & jnp.isfinite(rel), rel, 0.0)
@@ -176,8 +181,9 @@ def entangle(
       # λ is never NaN, even with injected (traced, unchecked) hyper-params.
       new_lam = jnp.where(jnp.isfinite(new_lam), new_lam, lam_t)
       new_prev_loss = jnp.where(ok, loss, state.prev_loss)
+      new_has_loss = state.has_loss | ok
     return out, EntangleState(
         count=numerics.safe_increment(state.count), lam=new_lam, prev=prev,
-        prev_loss=new_prev_loss)
+        prev_loss=new_prev_loss, has_loss=new_has_loss)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
