@@ -308,6 +308,7 @@ def cegm(
     lam: float = 0.9,
     adapt_rate: float = 0.0,
     lam_bounds: tuple[float, float] = (0.05, 1.0),
+    loss_signal: str = "relative",
     num_heads: int = 1,
     gamma: float = 1.0,
     rho: float = 0.9,
@@ -336,6 +337,7 @@ def cegm(
     lam: see :func:`cgf_optax.entangle`.
     adapt_rate: see :func:`cgf_optax.entangle`.
     lam_bounds: see :func:`cgf_optax.entangle`.
+    loss_signal: see :func:`cgf_optax.entangle`.
     num_heads: see :func:`cgf_optax.context_align`.
     gamma: see :func:`cgf_optax.context_align`.
     rho: see :func:`cgf_optax.context_align`.
@@ -378,7 +380,7 @@ def cegm(
   coll.leaf_axis_names("norm_axis_name", norm_axis_name)
   return optax.chain(
       entangle(lam, adapt_rate, lam_bounds, state_dtype=state_dtype,
-               axis_name=axis_name),
+               axis_name=axis_name, loss_signal=loss_signal),
       context_align(num_heads, gamma, rho, require_context=require_context,
                     axis_name=axis_name),
       normalize(normalize_scope, eps, axis_name=norm_axis_name),
@@ -396,6 +398,7 @@ def cegm_adamw(
     lam: float = 0.9,
     adapt_rate: float = 0.0,
     lam_bounds: tuple[float, float] = (0.05, 1.0),
+    loss_signal: str = "relative",
     num_heads: int = 1,
     gamma: float = 1.0,
     rho: float = 0.9,
@@ -428,6 +431,7 @@ def cegm_adamw(
     lam: see :func:`cgf_optax.entangle`.
     adapt_rate: see :func:`cgf_optax.entangle`.
     lam_bounds: see :func:`cgf_optax.entangle`.
+    loss_signal: see :func:`cgf_optax.entangle`.
     num_heads: see :func:`cgf_optax.context_align`.
     gamma: see :func:`cgf_optax.context_align`.
     rho: see :func:`cgf_optax.context_align`.
@@ -470,7 +474,7 @@ def cegm_adamw(
   adam = _adam(b1, b2, eps, mu_dtype)
   return optax.chain(
       entangle(lam, adapt_rate, lam_bounds, state_dtype=state_dtype,
-               axis_name=axis_name),
+               axis_name=axis_name, loss_signal=loss_signal),
       context_align(num_heads, gamma, rho, require_context=require_context,
                     axis_name=axis_name),
       (normalize(normalize_scope, normalize_eps, axis_name=norm_axis_name)

@@ -16,6 +16,25 @@ from cgf_optax.transforms._state import is_placeholder
 _F32_TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
+LOSS_SIGNALS = ("relative", "log_ratio")
+"""The rules :func:`entangle` can adapt λ by (its ``loss_signal``)."""
+
+
+def _loss_signal(rule: str, prev: jax.Array, loss: jax.Array) -> jax.Array:
+  """g(L), unclipped: ``(prev - loss) / |prev|`` or ``log(prev / loss)``.
+
+  The log ratio needs two positive losses; otherwise it is 0 (λ unchanged).
+  Its inputs are made safe first, so no NaN is ever computed from finite
+  losses (``jax_debug_nans`` stays usable).
+  """
+  if rule == "relative":
+    return (prev - loss) / jnp.maximum(jnp.abs(prev), 1e-12)
+  pos = (prev > 0) & (loss > 0)
+  safe = lambda x: jnp.maximum(jnp.where(pos, x, 1.0), _F32_TINY)
+  ratio = jnp.log(safe(prev)) - jnp.log(safe(loss))
+  return jnp.where(pos, ratio, 0.0)
+
+
 class EntangleState(NamedTuple):
   """State of :func:`entangle`.
 
@@ -44,6 +63,7 @@ def entangle(
     *,
     state_dtype: Any = None,
     axis_name: coll.AxisName = None,
+    loss_signal: str = "relative",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Entangles the gradient with its history, :math:`\lambda G + (1-\lambda) G_{t-1}`.
 
@@ -65,7 +85,15 @@ def entangle(
   loss cannot fall by more than 100%; the clip stops one loss spike from
   throwing λ to its bound): while the loss falls, λ grows and the step
   follows the fresh gradient; when it rises, λ shrinks and the step leans on
-  the smoother history. The first loss only sets :math:`L_{t-1}`. Without
+  the smoother history. The first loss only sets :math:`L_{t-1}`.
+
+  ``loss_signal="log_ratio"`` uses instead the symmetric
+  :math:`g(L_t) = \mathrm{clip}(\log(L_{t-1}/L_t), -1, 1)` (0 unless both
+  losses are positive). The relative change is asymmetric: a doubling counts
+  −1, a halving only +0.5, so a loss that oscillates without trending pushes
+  λ down to :math:`\lambda_\text{lo}`; the log ratio of a period sums to 0,
+  so such a loss leaves λ where it was. Which one is the default, and why:
+  the section "λ rule" of ``docs/cegm.md``. Without
   ``value`` λ stays fixed; a NaN or infinite loss leaves λ and
   :math:`L_{t-1}` unchanged (λ is never NaN; a finite loss moves it even on a
   step whose gradient is not finite). Entries of a non-finite gradient do not
@@ -88,6 +116,9 @@ def entangle(
       halves the state's memory traffic).
     axis_name: inside :func:`jax.shard_map`, the mesh axis name(s) over which
       the batch is split; the loss ``value`` is averaged over them.
+    loss_signal: :math:`g`, ``"relative"`` (the relative loss decrease) or
+      ``"log_ratio"`` (:math:`\log(L_{t-1}/L_t)`, symmetric), both clipped
+      to :math:`[-1, 1]`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` taking ``value=loss``.
@@ -128,6 +159,7 @@ def entangle(
   state_dtype = (None if state_dtype is None
                  else v.float_dtype("state_dtype", state_dtype))
   batch_axes = coll.axis_names("axis_name", axis_name)
+  loss_signal = v.choice("loss_signal", loss_signal, LOSS_SIGNALS)
 
   def init_fn(params: Any) -> EntangleState:
     if not is_placeholder(params):
@@ -173,8 +205,7 @@ def entangle(
         loss = jax.lax.pmean(loss, batch_axes)
       ok = jnp.isfinite(loss)
       have_prev = state.has_loss
-      denom = jnp.maximum(jnp.abs(state.prev_loss), 1e-12)
-      rel = (state.prev_loss - loss) / denom
+      rel = _loss_signal(loss_signal, state.prev_loss, loss)
       rel = jnp.where(ok & have_prev & jnp.isfinite(rel), rel, 0.0)
       rel = jnp.clip(rel, -1.0, 1.0)
       new_lam = jnp.clip(lam_t + adapt_rate * rel, lo, hi).astype(jnp.float32)
