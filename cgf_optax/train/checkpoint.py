@@ -27,6 +27,7 @@ are TensorStore (zarr/OCDBT) data and the rest is JSON.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import struct
@@ -94,6 +95,38 @@ def _quiet_abandoned_reads() -> None:
 
   hook._cgf_optax_quiet = True  # type: ignore[attr-defined]
   sys.unraisablehook = hook
+  _quiet_abandoned_tasks()
+
+
+def _abandoned_orbax_task(record: logging.LogRecord) -> bool:
+  """Whether ``record`` is asyncio's report of an Orbax read task whose
+  error nobody retrieved (the loop was closed under it)."""
+  msg = record.getMessage()
+  if not msg.startswith("Task exception was never retrieved"):
+    return False
+  e = record.exc_info[1] if record.exc_info else None
+  return "orbax" in msg or (isinstance(e, RuntimeError)
+                            and str(e) == "Event loop is closed")
+
+
+class _AbandonedTaskFilter(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not _abandoned_orbax_task(record)
+
+
+def _quiet_abandoned_tasks() -> None:
+  """Silences asyncio's report of the same abandoned reads.
+
+  The read coroutines of a failed restore may also be wrapped in asyncio
+  *tasks*; when such a task is collected with its error unretrieved, asyncio
+  logs ``Task exception was never retrieved`` (with a traceback) on its
+  ``asyncio`` logger, e.g. ``ERROR:asyncio:...`` under a busy machine where
+  the task outlives the loop. A filter on that logger drops those records
+  (an Orbax task, or the closed loop's error) and nothing else.
+  """
+  logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _AbandonedTaskFilter) for f in logger.filters):
+    logger.addFilter(_AbandonedTaskFilter())
 
 
 def _key_name(key: Any) -> str:
