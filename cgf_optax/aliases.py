@@ -53,7 +53,7 @@ inside :func:`jax.shard_map`, the mesh axes over which
       sharding.)""")}
 
 _ENTANGLE = args.of(entangle, ("lam", "adapt_rate", "lam_bounds",
-                               "state_dtype"))
+                               "loss_signal", "state_dtype"))
 _CONTEXT = args.of(context_align, ("num_heads", "gamma", "rho",
                                    "require_context"))
 _NORMALIZE = args.of(normalize, {"normalize_scope": "scope",

@@ -55,7 +55,7 @@ class Entangle:
     self.lo, self.hi = (float(b) for b in lam_bounds)
 
   def init(self, params):
-    return {"lam": self.lam0, "prev_loss": math.nan,
+    return {"lam": self.lam0, "prev_loss": 0.0, "has_loss": False,
             "prev": {k: np.zeros(np.shape(v)) for k, v in params.items()}}
 
   def update(self, grads, state, value=None):
@@ -66,14 +66,16 @@ class Entangle:
       out[k] = mixed
       prev[k] = np.where(np.isfinite(g), mixed, state["prev"][k])
     new_lam, prev_loss = lam, state["prev_loss"]
+    has_loss = state["has_loss"]
     if value is not None:
       loss = float(value)
       if math.isfinite(loss):
-        if math.isfinite(prev_loss):
+        if has_loss:
           rel = (prev_loss - loss) / max(abs(prev_loss), 1e-12)
           new_lam = min(max(lam + self.adapt_rate * rel, self.lo), self.hi)
-        prev_loss = loss
-    return out, {"lam": new_lam, "prev_loss": prev_loss, "prev": prev}
+        prev_loss, has_loss = loss, True
+    return out, {"lam": new_lam, "prev_loss": prev_loss,
+                 "has_loss": has_loss, "prev": prev}
 
 
 # --------------------------------------------------------------------------

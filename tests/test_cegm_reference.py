@@ -117,6 +117,7 @@ def test_entangle_matches_reference(adapt_rate):
     _close_flat(state.prev, rstate["prev"], f"step {step}: prev")
     _close(state.lam, rstate["lam"], f"step {step}: lam")
     _close(state.prev_loss, rstate["prev_loss"], f"step {step}: prev_loss")
+    assert bool(state.has_loss) == rstate["has_loss"], step
     assert int(state.count) == step + 1
   if adapt_rate:
     assert float(state.lam) != kw["lam"]     # the losses did move lam

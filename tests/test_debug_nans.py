@@ -12,9 +12,7 @@ CASES = {
     "cgfm_adamw": lambda: cgf_optax.cgfm_adamw(1e-3),
     "cgfm_adamw_leaf": lambda: cgf_optax.cgfm_adamw(1e-3, scope="leaf"),
     "cgfm_adamw_unmodulated": lambda: cgf_optax.cgfm_adamw(1e-3, modulate=False),
-    "cegm_adamw": pytest.param(
-        lambda: cgf_optax.cegm_adamw(1e-3, require_context=False),
-        marks=pytest.mark.xfail(reason="entangle's NaN prev_loss (issue 18)")),
+    "cegm_adamw": lambda: cgf_optax.cegm_adamw(1e-3, require_context=False),
 }
 
 

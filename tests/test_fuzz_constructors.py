@@ -128,7 +128,8 @@ ADAM_ARGS = {"b1": "unit_open", "b2": "unit_open", "adam_eps": "positive",
              "weight_decay": "nonneg", "mu_dtype": "dtype_or_none",
              "mask": "mask"}
 ENTANGLE_ARGS = {"lam": "unit", "adapt_rate": "nonneg",
-                 "lam_bounds": "lam_bounds"}
+                 "lam_bounds": "lam_bounds",
+                 "loss_signal": _choice("relative", "log_ratio")}
 ALIGN_ARGS = {"num_heads": "pos_int", "gamma": "nonneg", "rho": "unit_open",
               "require_context": "bool"}
 

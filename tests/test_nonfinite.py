@@ -292,14 +292,10 @@ def _assert_equal(a: Any, b: Any, what: str) -> None:
 def test_bad_steps_leave_the_state_finite(name, kind):
   seq = SEQ
   run = _cached_run(name, seq, kind)
-  seen_loss = False
   for step, (ch, u, s) in enumerate(
       zip(seq, run.outs, run.states[1:], strict=True)):
-    # `entangle`'s last loss is NaN until the first finite loss arrives
-    # (its documented "no loss yet"); a bad first step does not change it.
-    seen_loss |= ch == "F"
-    allow = (() if seen_loss or not CASES[name].value else (".prev_loss",))
-    bad = _nonfinite(s, allow=allow)
+    # No exception: `entangle` says "no loss yet" with a flag, not a NaN.
+    bad = _nonfinite(s)
     assert not bad, f"step {step} ({ch}): non-finite state at {bad}"
     if ch == "B":
       assert not _all_finite(u), f"step {step}: the NaN/Inf was hidden"

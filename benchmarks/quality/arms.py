@@ -176,6 +176,15 @@ def _arms() -> dict[str, Arm]:
           ADAM_LR, "main", context=True,
           doc="cegm_adamw: entangle → context_align → normalize → AdamW "
               "(the CLI's default CEGM spec)"),
+      # The λ rule (issue 18): the same arms with the symmetric log ratio.
+      Arm("cegm_logratio", lambda s, wd: c.cegm(
+          s, num_heads=4, adapt_rate=0.1, loss_signal="log_ratio"), 0.01,
+          "cegm-ablation", context=True,
+          doc="cegm, λ adapted by clip(log(L_{t-1}/L_t), ±1)"),
+      Arm("cegm_adamw_logratio", lambda s, wd: c.cegm_adamw(
+          s, weight_decay=wd, mask=decay_mask, num_heads=4, adapt_rate=0.1,
+          loss_signal="log_ratio"), ADAM_LR, "cegm-ablation", context=True,
+          doc="cegm_adamw, λ adapted by clip(log(L_{t-1}/L_t), ±1)"),
       # Peers: the closest known relatives of our steps.
       Arm("gc_adamw", lambda s, wd: _adamw(s, wd, centralize()), ADAM_LR,
           "peer", doc="gradient centralization then AdamW (peer of "

@@ -12,7 +12,7 @@ from cgf_optax.transforms.decompose import (
     WholeScale,
     decompose,
 )
-from cgf_optax.transforms.entangle import EntangleState, entangle
+from cgf_optax.transforms.entangle import EntangleState, LossSignal, entangle
 from cgf_optax.transforms.modulate import (
     ModulateReference,
     ModulateScope,
@@ -26,7 +26,7 @@ from cgf_optax.transforms.scale import ScaleByScalesState, ScaleWeight, scale_by
 
 __all__ = [
     "AxisName", "ContextAlignState", "DecomposeState", "EntangleState",
-    "LeafAxisName", "LeafRule", "MatrixAxes", "ModulateReference",
+    "LeafAxisName", "LeafRule", "LossSignal", "MatrixAxes", "ModulateReference",
     "ModulateScope", "ModulateState", "ModulateStepState", "NormalizeScope",
     "NormalizeState", "Overrides", "ScaleByScalesState", "ScaleWeight",
     "Scales", "Strategy", "WholeScale", "context_align", "decompose",

@@ -113,9 +113,14 @@ def context_align(
     An :class:`optax.GradientTransformationExtraArgs` taking
     ``context={path: activations}``; paths are ``'a/b/kernel'`` strings.
 
+  Composes with :func:`optax.masked`, :func:`optax.partition` and
+  :func:`optax.multi_transform`: pass the context of the whole model; the
+  entries of parameters masked out (another transform's, which arrive as
+  :class:`optax.MaskedNode`) are ignored.
+
   Raises (at trace time): ``ValueError`` naming the path when a context's
   feature size does not match the kernel's fan-in, when ``num_heads`` does
-  not divide it, or when a context names no parameter.
+  not divide it, or when a context names no parameter of the whole model.
 
   Example:
     >>> import jax.numpy as jnp, cgf_optax
@@ -179,11 +184,17 @@ def context_align(
           f"`context` must be a mapping {{path: activations}}, got "
           f"{type(context).__name__}.")
     grads, paths, treedef = _paths.flatten(updates)
-    unknown = sorted(set(context) - set(paths))
+    # Inside optax.masked / optax.partition (multi_transform) the parameters
+    # of the other transforms are MaskedNodes (each may stand for a whole
+    # sub-tree): their contexts belong to the whole model and are ignored.
+    masked = _masked_paths(updates)
+    unknown = sorted(k for k in set(context) - set(paths)
+                     if not any(_under(k, m) for m in masked))
     if unknown:
       raise ValueError(
           f"`context` has entries for {unknown}, which are not parameter paths "
-          f"of the updates (known paths include {paths[:8]}).")
+          f"of the updates (known paths include {paths[:8]}"
+          + (f"; masked out: {masked[:8]}" if masked else "") + ").")
     ctx_states = treedef.flatten_up_to(state.context)
     step_states = treedef.flatten_up_to(state.steps)
     out, new_ctx, new_steps = [], list(ctx_states), list(step_states)
@@ -217,6 +228,19 @@ def context_align(
         steps=unflat(new_steps))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _masked_paths(tree: Any) -> list[str]:
+  """Paths of the :class:`optax.MaskedNode` nodes of ``tree``."""
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  nodes, paths, _ = _paths.flatten(tree, is_masked)
+  return [p for p, x in zip(paths, nodes, strict=True) if is_masked(x)]
+
+
+def _under(key: Any, prefix: str) -> bool:
+  """Whether the path ``key`` is ``prefix`` or inside it."""
+  return isinstance(key, str) and (
+      not prefix or key == prefix or key.startswith(prefix + _paths.SEPARATOR))
 
 
 def _align(g: jax.Array, c: jax.Array, m: jax.Array, k: jax.Array, *,

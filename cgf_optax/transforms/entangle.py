@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +11,29 @@ import optax
 from cgf_optax import _validation as v
 from cgf_optax.transforms import _collectives as coll
 
-__all__ = ["EntangleState", "entangle"]
+__all__ = ["EntangleState", "LossSignal", "entangle"]
 
 _F32_TINY = float(jnp.finfo(jnp.float32).tiny)
+
+
+LossSignal = Literal["relative", "log_ratio"]
+"""The rules :func:`entangle` can adapt λ by (its ``loss_signal``)."""
+LOSS_SIGNALS = ("relative", "log_ratio")
+
+
+def _loss_signal(rule: str, prev: jax.Array, loss: jax.Array) -> jax.Array:
+  """g(L), unclipped: ``(prev - loss) / |prev|`` or ``log(prev / loss)``.
+
+  The log ratio needs two positive losses; otherwise it is 0 (λ unchanged).
+  Its inputs are made safe first, so no NaN is ever computed from finite
+  losses (``jax_debug_nans`` stays usable).
+  """
+  if rule == "relative":
+    return (prev - loss) / jnp.maximum(jnp.abs(prev), 1e-12)
+  pos = (prev > 0) & (loss > 0)
+  safe = lambda x: jnp.maximum(jnp.where(pos, x, 1.0), _F32_TINY)
+  ratio = jnp.log(safe(prev)) - jnp.log(safe(loss))
+  return jnp.where(pos, ratio, 0.0)
 
 
 class EntangleState(NamedTuple):
@@ -23,14 +43,18 @@ class EntangleState(NamedTuple):
     count: number of updates so far (int32).
     lam: the current entanglement coefficient λ (float32).
     prev: :math:`G_{t-1}`, the last entangled gradient (params-shaped).
-    prev_loss: the last finite loss passed as ``value`` (float32; NaN before
+    prev_loss: the last finite loss passed as ``value`` (float32; 0 before
       the first one).
+    has_loss: whether ``prev_loss`` holds a loss yet (bool). "No loss yet"
+      is this flag, not a NaN, so a fresh state is finite and runs under
+      ``jax_debug_nans``.
   """
 
   count: jax.Array
   lam: jax.Array
   prev: Any
   prev_loss: jax.Array
+  has_loss: jax.Array
 
 
 def entangle(
@@ -40,6 +64,7 @@ def entangle(
     *,
     state_dtype: Any = None,
     axis_name: coll.AxisName = None,
+    loss_signal: LossSignal = "relative",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Entangles the gradient with its history, :math:`\lambda G + (1-\lambda) G_{t-1}`.
 
@@ -61,7 +86,15 @@ def entangle(
   loss cannot fall by more than 100%; the clip stops one loss spike from
   throwing λ to its bound): while the loss falls, λ grows and the step
   follows the fresh gradient; when it rises, λ shrinks and the step leans on
-  the smoother history. The first loss only sets :math:`L_{t-1}`. Without
+  the smoother history. The first loss only sets :math:`L_{t-1}`.
+
+  ``loss_signal="log_ratio"`` uses instead the symmetric
+  :math:`g(L_t) = \mathrm{clip}(\log(L_{t-1}/L_t), -1, 1)` (0 unless both
+  losses are positive). The relative change is asymmetric: a doubling counts
+  −1, a halving only +0.5, so a loss that oscillates without trending pushes
+  λ down to :math:`\lambda_\text{lo}`; the log ratio of a period sums to 0,
+  so such a loss leaves λ where it was. Which one is the default, and why:
+  the section "λ rule" of ``docs/cegm.md``. Without
   ``value`` λ stays fixed; a NaN or infinite loss leaves λ and
   :math:`L_{t-1}` unchanged (λ is never NaN; a finite loss moves it even on a
   step whose gradient is not finite). Entries of a non-finite gradient do not
@@ -84,6 +117,9 @@ def entangle(
       halves the state's memory traffic).
     axis_name: inside :func:`jax.shard_map`, the mesh axis name(s) over which
       the batch is split; the loss ``value`` is averaged over them.
+    loss_signal: :math:`g`, ``"relative"`` (the relative loss decrease) or
+      ``"log_ratio"`` (:math:`\log(L_{t-1}/L_t)`, symmetric), both clipped
+      to :math:`[-1, 1]`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` taking ``value=loss``.
@@ -126,6 +162,7 @@ def entangle(
   state_dtype = (None if state_dtype is None
                  else v.float_dtype("state_dtype", state_dtype))
   batch_axes = coll.axis_names("axis_name", axis_name)
+  loss_signal = v.choice("loss_signal", loss_signal, LOSS_SIGNALS)
 
   def init_fn(params: Any) -> EntangleState:
     v.real_float_leaves("entangle", params)
@@ -133,7 +170,8 @@ def entangle(
         count=jnp.zeros([], jnp.int32),
         lam=jnp.asarray(lam, jnp.float32),
         prev=optax.tree.zeros_like(params, dtype=state_dtype),
-        prev_loss=jnp.full([], jnp.nan, jnp.float32))
+        prev_loss=jnp.zeros([], jnp.float32),
+        has_loss=jnp.zeros([], jnp.bool_))
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
     del params, extra_args
@@ -154,7 +192,7 @@ def entangle(
 
     prev = jax.tree.map(keep, updates, state.prev, out)
 
-    new_lam, new_prev_loss = lam_t, state.prev_loss
+    new_lam, new_prev_loss, new_has_loss = lam_t, state.prev_loss, state.has_loss
     if value is not None:
       try:
         loss = jnp.asarray(value, jnp.float32)
@@ -168,17 +206,17 @@ def entangle(
       if batch_axes:
         loss = jax.lax.pmean(loss, batch_axes)
       ok = jnp.isfinite(loss)
-      have_prev = jnp.isfinite(state.prev_loss)
-      denom = jnp.maximum(jnp.abs(state.prev_loss), 1e-12)
-      rel = (state.prev_loss - loss) / denom
+      have_prev = state.has_loss
+      rel = _loss_signal(loss_signal, state.prev_loss, loss)
       rel = jnp.where(ok & have_prev & jnp.isfinite(rel), rel, 0.0)
       rel = jnp.clip(rel, -1.0, 1.0)
       new_lam = jnp.clip(lam_t + adapt_rate * rel, lo, hi).astype(jnp.float32)
       # λ is never NaN, even with injected (traced, unchecked) hyper-params.
       new_lam = jnp.where(jnp.isfinite(new_lam), new_lam, lam_t)
       new_prev_loss = jnp.where(ok, loss, state.prev_loss)
+      new_has_loss = state.has_loss | ok
     return out, EntangleState(
         count=optax.safe_increment(state.count), lam=new_lam, prev=prev,
-        prev_loss=new_prev_loss)
+        prev_loss=new_prev_loss, has_loss=new_has_loss)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
