@@ -170,31 +170,8 @@ def context_align(
   def update_fn(updates, state, params=None, *, context=None, **extra_args):
     del params, extra_args
     v.real_float_leaves("context_align", updates, "updates")
-    if context is None:
-      if require_context:
-        raise ValueError(
-            "context_align needs the extra argument `context` (a mapping from "
-            "parameter path to the activations that multiply that kernel), "
-            "e.g. tx.update(grads, state, params, context=ctx); see "
-            "cgf_optax.nnx.capture_context. Build it with "
-            "require_context=False to allow steps without context.")
-      context = {}
-    if not isinstance(context, Mapping):
-      raise v.HyperparameterTypeError(
-          f"`context` must be a mapping {{path: activations}}, got "
-          f"{type(context).__name__}.")
-    grads, paths, treedef = _paths.flatten(updates)
-    # Inside optax.masked / optax.partition (multi_transform) the parameters
-    # of the other transforms are MaskedNodes (each may stand for a whole
-    # sub-tree): their contexts belong to the whole model and are ignored.
-    masked = _masked_paths(updates)
-    unknown = sorted(k for k in set(context) - set(paths)
-                     if not any(_under(k, m) for m in masked))
-    if unknown:
-      raise ValueError(
-          f"`context` has entries for {unknown}, which are not parameter paths "
-          f"of the updates (known paths include {paths[:8]}"
-          + (f"; masked out: {masked[:8]}" if masked else "") + ").")
+    context, grads, paths, treedef = _contexts_of(updates, context,
+                                                  require_context)
     ctx_states = treedef.flatten_up_to(state.context)
     step_states = treedef.flatten_up_to(state.steps)
     out, new_ctx, new_steps = [], list(ctx_states), list(step_states)
@@ -203,20 +180,7 @@ def context_align(
       if c is None:
         out.append(g)
         continue
-      c = jnp.asarray(c)
-      if g.ndim < 2:
-        raise ValueError(
-            f"context_align: got a context for '{path}', of shape {g.shape}; "
-            "contexts are for kernels of 2+ dimensions.")
-      if c.ndim < 1 or c.shape[-1] != g.shape[0]:
-        raise ValueError(
-            f"context_align: the context for '{path}' has shape {c.shape}, "
-            f"whose last (feature) axis does not match the kernel's fan-in "
-            f"(axis 0) of shape {g.shape}.")
-      if ctx_states[i] is None:
-        raise ValueError(
-            f"context_align: num_heads={num_heads} does not divide the fan-in "
-            f"{g.shape[0]} of '{path}' (kernel shape {g.shape}).")
+      c = _checked_context(path, g, jnp.asarray(c), ctx_states[i], num_heads)
       e, m, k = _align(g, c, ctx_states[i], step_states[i],
                        num_heads=num_heads, gamma=gamma, rho=rho, eps=eps,
                        batch_axes=batch_axes)
@@ -228,6 +192,57 @@ def context_align(
         steps=unflat(new_steps))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _contexts_of(updates: Any, context: Any, require_context: bool
+                 ) -> tuple[Mapping[str, Any], list[Any], list[str], Any]:
+  """The ``context`` checked against the updates' paths; the updates'
+  leaves, their paths and tree definition."""
+  if context is None:
+    if require_context:
+      raise ValueError(
+          "context_align needs the extra argument `context` (a mapping from "
+          "parameter path to the activations that multiply that kernel), "
+          "e.g. tx.update(grads, state, params, context=ctx); see "
+          "cgf_optax.nnx.capture_context. Build it with "
+          "require_context=False to allow steps without context.")
+    context = {}
+  if not isinstance(context, Mapping):
+    raise v.HyperparameterTypeError(
+        f"`context` must be a mapping {{path: activations}}, got "
+        f"{type(context).__name__}.")
+  grads, paths, treedef = _paths.flatten(updates)
+  # Inside optax.masked / optax.partition (multi_transform) the parameters
+  # of the other transforms are MaskedNodes (each may stand for a whole
+  # sub-tree): their contexts belong to the whole model and are ignored.
+  masked = _masked_paths(updates)
+  unknown = sorted(k for k in set(context) - set(paths)
+                   if not any(_under(k, m) for m in masked))
+  if unknown:
+    raise ValueError(
+        f"`context` has entries for {unknown}, which are not parameter paths "
+        f"of the updates (known paths include {paths[:8]}"
+        + (f"; masked out: {masked[:8]}" if masked else "") + ").")
+  return context, grads, paths, treedef
+
+
+def _checked_context(path: str, g: jax.Array, c: jax.Array, ctx_state: Any,
+                     num_heads: int) -> jax.Array:
+  """``c``, checked to be a context for the kernel gradient ``g``."""
+  if g.ndim < 2:
+    raise ValueError(
+        f"context_align: got a context for '{path}', of shape {g.shape}; "
+        "contexts are for kernels of 2+ dimensions.")
+  if c.ndim < 1 or c.shape[-1] != g.shape[0]:
+    raise ValueError(
+        f"context_align: the context for '{path}' has shape {c.shape}, "
+        f"whose last (feature) axis does not match the kernel's fan-in "
+        f"(axis 0) of shape {g.shape}.")
+  if ctx_state is None:
+    raise ValueError(
+        f"context_align: num_heads={num_heads} does not divide the fan-in "
+        f"{g.shape[0]} of '{path}' (kernel shape {g.shape}).")
+  return c
 
 
 def _masked_paths(tree: Any) -> list[str]:

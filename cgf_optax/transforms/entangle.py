@@ -138,26 +138,7 @@ def entangle(
     LLM Comprehension*,
     Section III.B, Algorithm 1 lines 2, 7 and 12.
   """
-  if not isinstance(lam_bounds, (tuple, list)) or len(lam_bounds) != 2:
-    raise v.HyperparameterTypeError(
-        f"`lam_bounds` must be a pair (lo, hi), got {lam_bounds!r}.")
-  lo = v.number("lam_bounds[0]", lam_bounds[0], minimum=0.0, maximum=1.0)
-  hi = v.number("lam_bounds[1]", lam_bounds[1], minimum=0.0, maximum=1.0)
-  if not v.is_traced(lo) and not v.is_traced(hi) and float(lo) > float(hi):
-    raise ValueError(f"`lam_bounds` must have lo <= hi, got {lam_bounds!r}.")
-  lam = v.number("lam", lam, minimum=0.0, maximum=1.0)
-  # λ is float32, and XLA flushes float32 subnormals to zero: a bound (or λ)
-  # in (0, 1.2e-38) would silently act as 0.
-  for name, x in (("lam_bounds[0]", lo), ("lam_bounds[1]", hi), ("lam", lam)):
-    if not v.is_traced(x) and 0.0 < float(x) < _F32_TINY:
-      raise ValueError(
-          f"`{name}`={float(x)!r} is below float32's smallest normal number "
-          f"({_F32_TINY:.3g}); λ is computed in float32, where it would flush "
-          "to 0: use 0.0 or a normal value.")
-  if not any(map(v.is_traced, (lam, lo, hi))) and not (
-      float(lo) <= float(lam) <= float(hi)):
-    raise ValueError(f"`lam`={float(lam)} must lie within `lam_bounds`="
-                     f"{tuple(lam_bounds)}.")
+  lam, lo, hi = _check_lam(lam, lam_bounds)
   adapt_rate = v.number("adapt_rate", adapt_rate, minimum=0.0)
   state_dtype = (None if state_dtype is None
                  else v.float_dtype("state_dtype", state_dtype))
@@ -194,17 +175,7 @@ def entangle(
 
     new_lam, new_prev_loss, new_has_loss = lam_t, state.prev_loss, state.has_loss
     if value is not None:
-      try:
-        loss = jnp.asarray(value, jnp.float32)
-      except (TypeError, ValueError) as e:
-        raise ValueError(
-            f"entangle: `value` must be the scalar loss, got {value!r} ({e})."
-        ) from None
-      if loss.shape != ():
-        raise ValueError(
-            f"entangle: `value` must be the scalar loss, got shape {loss.shape}.")
-      if batch_axes:
-        loss = jax.lax.pmean(loss, batch_axes)
+      loss = _scalar_loss(value, batch_axes)
       ok = jnp.isfinite(loss)
       have_prev = state.has_loss
       rel = _loss_signal(loss_signal, state.prev_loss, loss)
@@ -220,3 +191,44 @@ def entangle(
         prev_loss=new_prev_loss, has_loss=new_has_loss)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_lam(lam: Any, lam_bounds: Any) -> tuple[Any, Any, Any]:
+  """Checks λ and its bounds; returns ``(lam, lo, hi)``."""
+  if not isinstance(lam_bounds, (tuple, list)) or len(lam_bounds) != 2:
+    raise v.HyperparameterTypeError(
+        f"`lam_bounds` must be a pair (lo, hi), got {lam_bounds!r}.")
+  lo = v.number("lam_bounds[0]", lam_bounds[0], minimum=0.0, maximum=1.0)
+  hi = v.number("lam_bounds[1]", lam_bounds[1], minimum=0.0, maximum=1.0)
+  if not v.is_traced(lo) and not v.is_traced(hi) and float(lo) > float(hi):
+    raise ValueError(f"`lam_bounds` must have lo <= hi, got {lam_bounds!r}.")
+  lam = v.number("lam", lam, minimum=0.0, maximum=1.0)
+  # λ is float32, and XLA flushes float32 subnormals to zero: a bound (or λ)
+  # in (0, 1.2e-38) would silently act as 0.
+  for name, x in (("lam_bounds[0]", lo), ("lam_bounds[1]", hi), ("lam", lam)):
+    if not v.is_traced(x) and 0.0 < float(x) < _F32_TINY:
+      raise ValueError(
+          f"`{name}`={float(x)!r} is below float32's smallest normal number "
+          f"({_F32_TINY:.3g}); λ is computed in float32, where it would flush "
+          "to 0: use 0.0 or a normal value.")
+  if not any(map(v.is_traced, (lam, lo, hi))) and not (
+      float(lo) <= float(lam) <= float(hi)):
+    raise ValueError(f"`lam`={float(lam)} must lie within `lam_bounds`="
+                     f"{tuple(lam_bounds)}.")
+  return lam, lo, hi
+
+
+def _scalar_loss(value: Any, batch_axes: tuple[str, ...]) -> jax.Array:
+  """The loss passed as ``value``, float32, averaged over ``batch_axes``."""
+  try:
+    loss = jnp.asarray(value, jnp.float32)
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+        f"entangle: `value` must be the scalar loss, got {value!r} ({e})."
+    ) from None
+  if loss.shape != ():
+    raise ValueError(
+        f"entangle: `value` must be the scalar loss, got shape {loss.shape}.")
+  if batch_axes:
+    loss = jax.lax.pmean(loss, batch_axes)
+  return loss
