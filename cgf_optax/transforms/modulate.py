@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -155,25 +156,8 @@ def modulate_by_gradient_norm(
         factor=scalars(params, 1.0, jnp.float32),
         finite=scalars(params, True, jnp.bool_))
 
-  def step(norm, ref, ref_steps):
-    ok = jnp.isfinite(norm)
-    if reference == "first":
-      take = ok & (ref_steps == 0) & (norm > 0)
-      new_ref = jnp.where(take, norm, ref)
-      new_steps = ref_steps + take.astype(jnp.int32)
-      denom = new_ref
-    else:
-      new_ref = jnp.where(ok, ema_decay * ref + (1 - ema_decay) * norm, ref)
-      new_steps = ref_steps + ok.astype(jnp.int32)
-      denom = new_ref / (1 - ema_decay ** new_steps.astype(jnp.float32))
-      denom = jnp.where(new_steps > 0, denom, 0.0)
-    ratio = jnp.where(ok & (denom > 0), norm / jnp.maximum(denom, eps), 0.0)
-    factor = 1.0 + ratio
-    if max_factor is not None:
-      factor = jnp.minimum(factor, max_factor)
-    factor = factor.astype(jnp.float32)
-    return (factor, new_ref.astype(jnp.float32), new_steps,
-            jnp.where(ok, norm, 0.0).astype(jnp.float32), ok)
+  step = functools.partial(_factor_step, reference=reference,
+                           max_factor=max_factor, eps=eps, ema_decay=ema_decay)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -200,6 +184,31 @@ def modulate_by_gradient_norm(
         ref_steps=steps, norm=norm, factor=factor, finite=finite)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _factor_step(norm: jax.Array, ref: jax.Array, ref_steps: jax.Array, *,
+                 reference: str, max_factor: Any, eps: Any, ema_decay: Any
+                 ) -> tuple[jax.Array, ...]:
+  """One norm's factor, and its new reference, reference count, norm and
+  finiteness (the norm is stored as 0 when it is not finite)."""
+  ok = jnp.isfinite(norm)
+  if reference == "first":
+    take = ok & (ref_steps == 0) & (norm > 0)
+    new_ref = jnp.where(take, norm, ref)
+    new_steps = ref_steps + take.astype(jnp.int32)
+    denom = new_ref
+  else:
+    new_ref = jnp.where(ok, ema_decay * ref + (1 - ema_decay) * norm, ref)
+    new_steps = ref_steps + ok.astype(jnp.int32)
+    denom = new_ref / (1 - ema_decay ** new_steps.astype(jnp.float32))
+    denom = jnp.where(new_steps > 0, denom, 0.0)
+  ratio = jnp.where(ok & (denom > 0), norm / jnp.maximum(denom, eps), 0.0)
+  factor = 1.0 + ratio
+  if max_factor is not None:
+    factor = jnp.minimum(factor, max_factor)
+  factor = factor.astype(jnp.float32)
+  return (factor, new_ref.astype(jnp.float32), new_steps,
+          jnp.where(ok, norm, 0.0).astype(jnp.float32), ok)
 
 
 class ModulateStepState(NamedTuple):
