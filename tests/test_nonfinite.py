@@ -418,8 +418,10 @@ def test_non_finite_loss_never_reaches_lambda(name):
       assert float(lam) == float(lam0), f"step {i}: λ moved on a bad loss"
       np.testing.assert_array_equal(loss, loss0)
     else:
-      if last is not None:   # λ moved by the relative loss change
-        rel = np.clip((last - value) / max(abs(last), 1e-12), -1, 1)
+      if last is not None:   # λ moved by the clipped log ratio (0 unless
+        # both losses are positive)
+        rel = (np.clip(np.log(last / value), -1, 1) if last > 0 and value > 0
+               else 0.0)
         np.testing.assert_allclose(
             float(lam), np.clip(float(lam0) + 0.3 * rel, 0.05, 1.0), rtol=1e-6)
       last = value
