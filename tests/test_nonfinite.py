@@ -36,6 +36,12 @@ import pytest
 
 import cgf_optax
 
+# NaN/Inf inputs on purpose, from import on: skipped in debug-NaN mode.
+if jax.config.jax_debug_nans:
+  pytest.skip("feeds NaN/Inf on purpose; jax_debug_nans turns them into "
+              "errors by design", allow_module_level=True)
+pytestmark = pytest.mark.nonfinite_inputs
+
 PARAMS = {"b": jnp.linspace(-1.0, 1.0, 3), "w": jnp.ones((4, 3))}
 CTX_SHAPE = (5, 4)        # the context of "w": 5 tokens of its fan-in 4
 NAN = jnp.float32(jnp.nan)
