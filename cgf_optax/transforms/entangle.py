@@ -92,7 +92,7 @@ def entangle(
   step) pushes λ down to :math:`\lambda_\text{lo}`, whereas the log ratio of
   a period sums to 0 and leaves λ where it was. The two are equal to first
   order for small changes; the measurements behind the default are in
-  ``docs/cegm.md`` ("The λ rule"). Without
+  ``docs/cegm.md`` ("The lambda rule"). Without
   ``value`` λ stays fixed; a NaN or infinite loss leaves λ and
   :math:`L_{t-1}` unchanged (λ is never NaN; a finite loss moves it even on a
   step whose gradient is not finite). Entries of a non-finite gradient do not
