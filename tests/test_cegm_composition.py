@@ -129,3 +129,23 @@ def test_cegm_on_matrices_adamw_on_the_rest(combine):
       state, is_leaf=lambda x: isinstance(x, cgf_optax.EntangleState))
          if isinstance(s, cgf_optax.EntangleState)]
   assert len(ent) == 1 and float(ent[0].lam) != 0.9
+
+
+def test_readme_excerpt_is_part_of_the_tested_docs_example():
+  """The README's "Composing with masked / multi_transform" block is an
+  excerpt of the docs example that `tests/test_docs.py` runs: every code
+  line of it occurs there (so the README shows tested code)."""
+  import pathlib
+  import re
+  root = pathlib.Path(__file__).resolve().parents[1]
+  readme = (root / "README.md").read_text(encoding="utf-8")
+  section = readme.split("### Composing with masked / multi_transform")[1]
+  block = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+  guide = (root / "docs" / "flax-nnx.md").read_text(encoding="utf-8")
+  example = guide.split("## Composing with masked / multi_transform")[1]
+  example = re.search(r"```python\n(.*?)```", example, re.DOTALL).group(1)
+  assert example.lstrip().startswith("import ")   # run by test_docs.py
+  lines = [ln.split("  #")[0].rstrip() for ln in block.splitlines()
+           if ln.strip() and not ln.lstrip().startswith("#")]
+  missing = [ln for ln in lines if ln.strip() not in example]
+  assert not missing, missing

@@ -82,7 +82,8 @@ def _entangle_state(state: Any) -> cgf_optax.EntangleState:
 
 def test_a_nan_loss_first_does_not_count_as_a_loss():
   """`has_loss` is set by the first *finite* loss only: after a NaN, then
-  2, then 1, λ moved once (by the 2 → 1 change), as with the old NaN."""
+  2, then 1, λ moved once (by the 2 → 1 change, log 2), as with the old
+  NaN."""
   tx = cgf_optax.entangle(0.5, adapt_rate=0.1)
   state = tx.init(PARAMS)
   for value in (jnp.nan, jnp.inf):
@@ -91,7 +92,8 @@ def test_a_nan_loss_first_does_not_count_as_a_loss():
   _, state = tx.update(PARAMS, state, value=jnp.float32(2.0))
   assert bool(state.has_loss) and float(state.lam) == 0.5
   _, state = tx.update(PARAMS, state, value=jnp.float32(1.0))
-  np.testing.assert_allclose(float(state.lam), 0.5 + 0.1 * 0.5, rtol=1e-6)
+  np.testing.assert_allclose(float(state.lam), 0.5 + 0.1 * np.log(2.0),
+                             rtol=1e-6)
 
 
 class _OldEntangleState(NamedTuple):
