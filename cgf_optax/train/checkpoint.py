@@ -80,6 +80,7 @@ def _quiet_abandoned_reads() -> None:
   tracebacks after our one-line error. Only these two are dropped; anything
   else goes to the previous hook.
   """
+  _quiet_abandoned_tasks()
   previous = sys.unraisablehook
   if getattr(previous, "_cgf_optax_quiet", False):
     return
@@ -95,7 +96,6 @@ def _quiet_abandoned_reads() -> None:
 
   hook._cgf_optax_quiet = True  # type: ignore[attr-defined]
   sys.unraisablehook = hook
-  _quiet_abandoned_tasks()
 
 
 def _abandoned_orbax_task(record: logging.LogRecord) -> bool:
