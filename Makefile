@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.stamp
 LINT_PATHS := $(wildcard cgf_optax tests examples benchmarks)
 
 .DEFAULT_GOAL := test
-.PHONY: venv test test-slow demo bench docs lint clean
+.PHONY: venv test test-slow test-wheel demo bench docs lint clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,11 @@ test: venv
 
 test-slow: venv
 	$(VPY) -m pytest -q -m slow tests
+
+# The built wheel, installed outside the checkout, runs the getting-started
+# example (reuses the venv's dependencies: nothing is downloaded).
+test-wheel: venv
+	$(VPY) -m pytest -q -m slow tests/test_wheel.py
 
 demo: venv
 	$(VENV)/bin/cgf-optax compare

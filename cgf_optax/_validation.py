@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from cgf_optax import _paths
+
 
 class HyperparameterTypeError(TypeError, ValueError):
   """A hyper-parameter of the wrong type.
@@ -206,7 +208,7 @@ def real_float_leaves(transform: str, tree: Any, what: str = "params") -> None:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   for path, leaf in flat:
     dtype = getattr(leaf, "dtype", None)
-    where = jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
+    where = _paths.path_str(path) or "<root>"
     if dtype is None or not hasattr(leaf, "shape"):
       raise TypeError(
           f"cgf_optax.{transform}: the {what} leaf '{where}' is a "

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,7 @@ __all__ = [
     "MODES",
     "PROBE_SIZE",
     "DepthSchedule",
+    "FlowMode",
     "FlowSplit",
     "FlowTelemetry",
     "depth_schedule",
@@ -60,6 +61,9 @@ __all__ = [
     "read_probes",
     "split_cotangent",
 ]
+
+FlowMode = Literal["mean", "causal", "window"]
+"""The low-pass :math:`P` of :func:`gradient_flow` and :func:`split_cotangent`."""
 
 MODES = ("mean", "causal", "window")
 """The values of ``mode``: the low-pass :math:`P` that defines the global part."""
@@ -290,7 +294,7 @@ def _acc_dtype(dtype: Any) -> Any:
 def split_cotangent(
     cotangent: jax.Array,
     *,
-    mode: str = "causal",
+    mode: FlowMode = "causal",
     window: int | None = None,
     seq_axis: int = -2,
 ) -> FlowSplit:
@@ -399,7 +403,7 @@ def gradient_flow(
     lambda_local: float | jax.Array = 1.0,
     lambda_global: float | jax.Array = 1.0,
     *,
-    mode: str = "causal",
+    mode: FlowMode = "causal",
     window: int | None = None,
     seq_axis: int = -2,
     probe: jax.Array | None = None,
@@ -558,7 +562,7 @@ def depth_schedule(
     start: tuple[float, float] = (1.0, 1.0),
     end: tuple[float, float] | None = None,
     *,
-    kind: str = "linear",
+    kind: Literal["constant", "linear", "cosine"] = "linear",
 ) -> DepthSchedule:
   r"""Per-layer :math:`(\lambda_\text{local}, \lambda_\text{global})`.
 

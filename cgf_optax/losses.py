@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from cgf_optax import _validation as v
 
+__all__ = ["entanglement_penalty"]
+
 
 def entanglement_penalty(
     loss_of_hidden: Callable[[jax.Array], jax.Array],
     hidden: jax.Array,
     *,
-    beta: float = 0.01,
-    lam: Any = 1.0,
-    eps: float = 1e-8,
+    beta: float | jax.Array = 0.01,
+    lam: float | jax.Array = 1.0,
+    eps: float | jax.Array = 1e-8,
 ) -> jax.Array:
   r"""CEGM's regularizer :math:`\beta\,\lambda \int \kappa(C(x), G(x))\,dx`.
 
@@ -59,9 +60,10 @@ def entanglement_penalty(
     True
 
   References:
-    CEGM, Section "Mathematical Framework", the regularized loss
-    :math:`\mathcal{L}_\text{CEGM} = \mathcal{L} + \beta\mathcal{E}`
-    (``../shared/seeds``).
+    Sisate et al., *Contextually Entangled Gradient Mapping for Optimized
+    LLM Comprehension*,
+    Section III.C ("Mathematical Framework"), the regularized loss
+    :math:`\mathcal{L}_\text{CEGM} = \mathcal{L} + \beta\mathcal{E}`.
   """
   v.number("beta", beta, minimum=0.0)
   v.number("eps", eps, minimum=0.0)

@@ -54,7 +54,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cgf_optax.transforms._leaves import path_str
+from cgf_optax import _paths
 
 __all__ = [
     "batch_sharding",
@@ -299,12 +299,11 @@ def split_axes(specs: Any) -> Callable[[str], tuple[str, ...]]:
     that hold a different part of it.
   """
   is_spec = lambda x: isinstance(x, PartitionSpec)
-  flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
   table: dict[str, tuple[str, ...]] = {}
-  for path, spec in flat:
+  for spec, path in zip(*_paths.flatten(specs, is_spec)[:2], strict=True):
     if not is_spec(spec):
       spec = spec_of(spec)
-    table[path_str(path)] = tuple(
+    table[path] = tuple(
         a for entry in spec for a in _names(entry))
 
   def axes(path: str) -> tuple[str, ...]:

@@ -41,6 +41,15 @@ autodoc_type_aliases = {
     "optax.ScalarOrSchedule": "optax.ScalarOrSchedule",
     "ScaleWeight": "ScaleWeight",
     "Overrides": "Overrides",
+    "Strategy": "Strategy",
+    "WholeScale": "WholeScale",
+    "ModulateReference": "ModulateReference",
+    "ModulateScope": "ModulateScope",
+    "NormalizeScope": "NormalizeScope",
+    "LossSignal": "LossSignal",
+    "AxisName": "AxisName",
+    "LeafAxisName": "LeafAxisName",
+    "FlowMode": "FlowMode",
 }
 
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]

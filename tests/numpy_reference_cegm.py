@@ -16,7 +16,9 @@ The maths, per the docstrings:
 * entangle: ``G_t = lam * G + (1 - lam) * G_{t-1}``, ``G_0 = 0``; entries of a
   non-finite gradient do not enter ``G_{t-1}``. After the step, with a finite
   loss ``L_t`` and a previous finite loss ``L_{t-1}``:
-  ``lam <- clip(lam + adapt_rate * (L_{t-1} - L_t) / |L_{t-1}|, lo, hi)``;
+  ``lam <- clip(lam + adapt_rate * clip(g, -1, 1), lo, hi)`` with
+  ``g = log(L_{t-1} / L_t)`` (0 unless both are positive; the default
+  ``loss_signal``) or ``g = (L_{t-1} - L_t) / |L_{t-1}|`` ("relative");
   the first loss only sets ``L_{t-1}``; a NaN/inf loss changes nothing.
 * context_align, per kernel ``W[n_in, ...]`` with a context ``C[..., n_in]``
   and heads of size ``d = n_in / H``: the bias-corrected EMA ``m_hat_h``
@@ -49,13 +51,15 @@ def f64(flat):
 class Entangle:
   """``G_t = lam G + (1 - lam) G_{t-1}`` with lam adapted from the loss."""
 
-  def __init__(self, lam=0.9, adapt_rate=0.0, lam_bounds=(0.05, 1.0)):
+  def __init__(self, lam=0.9, adapt_rate=0.0, lam_bounds=(0.05, 1.0),
+               loss_signal="log_ratio"):
+    self.loss_signal = loss_signal
     self.lam0 = float(lam)
     self.adapt_rate = float(adapt_rate)
     self.lo, self.hi = (float(b) for b in lam_bounds)
 
   def init(self, params):
-    return {"lam": self.lam0, "prev_loss": math.nan,
+    return {"lam": self.lam0, "prev_loss": 0.0, "has_loss": False,
             "prev": {k: np.zeros(np.shape(v)) for k, v in params.items()}}
 
   def update(self, grads, state, value=None):
@@ -66,14 +70,22 @@ class Entangle:
       out[k] = mixed
       prev[k] = np.where(np.isfinite(g), mixed, state["prev"][k])
     new_lam, prev_loss = lam, state["prev_loss"]
+    has_loss = state["has_loss"]
     if value is not None:
       loss = float(value)
       if math.isfinite(loss):
-        if math.isfinite(prev_loss):
-          rel = (prev_loss - loss) / max(abs(prev_loss), 1e-12)
+        if has_loss:
+          if self.loss_signal == "relative":
+            rel = (prev_loss - loss) / max(abs(prev_loss), 1e-12)
+          elif prev_loss > 0 and loss > 0:
+            rel = math.log(prev_loss / loss)
+          else:
+            rel = 0.0
+          rel = min(max(rel, -1.0), 1.0)
           new_lam = min(max(lam + self.adapt_rate * rel, self.lo), self.hi)
-        prev_loss = loss
-    return out, {"lam": new_lam, "prev_loss": prev_loss, "prev": prev}
+        prev_loss, has_loss = loss, True
+    return out, {"lam": new_lam, "prev_loss": prev_loss,
+                 "has_loss": has_loss, "prev": prev}
 
 
 # --------------------------------------------------------------------------
@@ -186,9 +198,9 @@ class Cegm:
 
   def __init__(self, learning_rate, *, lam=0.9, adapt_rate=0.0,
                lam_bounds=(0.05, 1.0), num_heads=1, gamma=1.0, rho=0.9,
-               normalize_scope="leaf", eps=1e-8):
+               normalize_scope="leaf", eps=1e-8, loss_signal="log_ratio"):
     self.learning_rate = learning_rate
-    self.entangle = Entangle(lam, adapt_rate, lam_bounds)
+    self.entangle = Entangle(lam, adapt_rate, lam_bounds, loss_signal)
     self.align = ContextAlign(num_heads, gamma, rho)
     self.normalize = Normalize(normalize_scope, eps)
 
@@ -215,11 +227,12 @@ class CegmAdamW(Cegm):
   def __init__(self, learning_rate, b1=0.9, b2=0.999, eps=1e-8,
                weight_decay=1e-4, *, lam=0.9, adapt_rate=0.0,
                lam_bounds=(0.05, 1.0), num_heads=1, gamma=1.0, rho=0.9,
-               normalize_scope="leaf", normalize_eps=1e-8):
+               normalize_scope="leaf", normalize_eps=1e-8,
+               loss_signal="log_ratio"):
     super().__init__(learning_rate, lam=lam, adapt_rate=adapt_rate,
                      lam_bounds=lam_bounds, num_heads=num_heads, gamma=gamma,
                      rho=rho, normalize_scope=normalize_scope or "leaf",
-                     eps=normalize_eps)
+                     eps=normalize_eps, loss_signal=loss_signal)
     self.use_normalize = normalize_scope is not None
     self.b1, self.b2, self.adam_eps = float(b1), float(b2), float(eps)
     self.weight_decay = float(weight_decay)

@@ -236,7 +236,7 @@ def test_multisteps(name):
   # and λ moved from the 4th to the 8th loss (adapt_rate 0.2).
   ent = state.inner_opt_state[0]
   assert float(ent.prev_loss) == values[7]
-  np.testing.assert_allclose(float(ent.lam), 0.9 + 0.2 * (2.0 - 1.5) / 2.0,
+  np.testing.assert_allclose(float(ent.lam), 0.9 + 0.2 * np.log(2.0 / 1.5),
                              rtol=1e-6)
   ali = state.inner_opt_state[1]
   assert int(ali.steps["dense"]["kernel"]) == 2
@@ -266,7 +266,7 @@ def test_apply_if_finite(name):
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(u))
   # The value reached entangle through the wrapper: λ moved.
   np.testing.assert_allclose(float(state.inner_state[0].lam),
-                             0.9 + 0.2 * 0.25, rtol=1e-6)
+                             0.9 + 0.2 * np.log(2.0 / 1.5), rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ALIASES)
@@ -409,5 +409,7 @@ def test_value_through_chain_adapts_lam():
   assert float(ent.prev_loss) == 2.0
   _, state = step(_params(seed=2), state, 1.0)
   ent = state[1][0]
-  np.testing.assert_allclose(float(ent.lam), 0.5 + 0.2 * 0.5, rtol=1e-6)
+  # g = log(L_{t-1} / L_t), the default `loss_signal`.
+  np.testing.assert_allclose(float(ent.lam), 0.5 + 0.2 * np.log(2.0),
+                             rtol=1e-6)
   # (Without `value` λ stays fixed: `test_cegm_reference.py`, entangle.)

@@ -92,10 +92,12 @@ def _np(tree):
 # entangle.
 
 
+@pytest.mark.parametrize("loss_signal", ["log_ratio", "relative"])
 @pytest.mark.parametrize("adapt_rate", [0.0, 0.5])
-def test_entangle_matches_reference(adapt_rate):
+def test_entangle_matches_reference(adapt_rate, loss_signal):
   rng = np.random.default_rng(0)
-  kw = dict(lam=0.6, adapt_rate=adapt_rate, lam_bounds=(0.2, 0.95))
+  kw = dict(lam=0.6, adapt_rate=adapt_rate, lam_bounds=(0.2, 0.95),
+            loss_signal=loss_signal)
   tx, rf = cgf_optax.entangle(**kw), ref.Entangle(**kw)
   params = _tree(rng)
   state, rstate = tx.init(params), rf.init(_np(params))
@@ -117,6 +119,7 @@ def test_entangle_matches_reference(adapt_rate):
     _close_flat(state.prev, rstate["prev"], f"step {step}: prev")
     _close(state.lam, rstate["lam"], f"step {step}: lam")
     _close(state.prev_loss, rstate["prev_loss"], f"step {step}: prev_loss")
+    assert bool(state.has_loss) == rstate["has_loss"], step
     assert int(state.count) == step + 1
   if adapt_rate:
     assert float(state.lam) != kw["lam"]     # the losses did move lam

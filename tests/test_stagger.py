@@ -11,7 +11,8 @@ import pytest
 
 import cgf_optax
 from cgf_optax.transforms._leaves import MatrixAxes, MatrixView
-from cgf_optax.transforms.decompose import _balanced_groups, _Plan
+from cgf_optax.transforms.decompose._lowrank import balanced_groups as _balanced_groups
+from cgf_optax.transforms.decompose._rules import Plan as _Plan
 
 R = 3
 

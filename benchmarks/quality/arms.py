@@ -169,13 +169,23 @@ def _arms() -> dict[str, Arm]:
               "modulation ≤ 2"),
       Arm("cegm", lambda s, wd: c.cegm(s, num_heads=4, adapt_rate=0.1), 0.01,
           "main", context=True,
-          doc="cegm: entangle(λ adaptive) → context_align(4 heads) → "
-              "normalize(leaf) → SGD (Algorithm 1 as written)"),
+          doc="cegm: entangle(λ adaptive, log ratio) → context_align(4 "
+              "heads) → normalize(leaf) → SGD (Algorithm 1 as written)"),
       Arm("cegm_adamw", lambda s, wd: c.cegm_adamw(
           s, weight_decay=wd, mask=decay_mask, num_heads=4, adapt_rate=0.1),
           ADAM_LR, "main", context=True,
           doc="cegm_adamw: entangle → context_align → normalize → AdamW "
               "(the CLI's default CEGM spec)"),
+      # The λ rule (issue 18): the main CEGM arms with the paper's relative
+      # loss change instead of the default log ratio.
+      Arm("cegm_relative", lambda s, wd: c.cegm(
+          s, num_heads=4, adapt_rate=0.1, loss_signal="relative"), 0.01,
+          "cegm-ablation", context=True,
+          doc="cegm, λ adapted by the relative loss change"),
+      Arm("cegm_adamw_relative", lambda s, wd: c.cegm_adamw(
+          s, weight_decay=wd, mask=decay_mask, num_heads=4, adapt_rate=0.1,
+          loss_signal="relative"), ADAM_LR, "cegm-ablation", context=True,
+          doc="cegm_adamw, λ adapted by the relative loss change"),
       # Peers: the closest known relatives of our steps.
       Arm("gc_adamw", lambda s, wd: _adamw(s, wd, centralize()), ADAM_LR,
           "peer", doc="gradient centralization then AdamW (peer of "

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cgf_optax import _paths
+
 _LOCK = threading.RLock()
 _INHERITED = object()
 
@@ -39,8 +41,7 @@ _ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar(
 
 
 def _module_paths(model: nnx.Module) -> dict[int, str]:
-  return {id(m): "/".join(str(p) for p in path)
-          for path, m in nnx.iter_modules(model)}
+  return {id(m): _paths.join(*path) for path, m in nnx.iter_modules(model)}
 
 
 def _einsum_fan_in_first(einsum_str: str | None) -> bool:
@@ -137,7 +138,7 @@ def capture_context(
         x = jax.lax.stop_gradient(inputs) if stop_gradient else inputs
         if dtype is not None:
           x = x.astype(dtype)
-        key = f"{path}/kernel" if path else "kernel"
+        key = _paths.join(path, "kernel")
         records.setdefault(key, []).append(x)
       return original(self, inputs, *args, **kwargs)
 
@@ -203,6 +204,5 @@ def remat_call(module: nnx.Module, *args: Any, **kwargs: Any) -> Any:
 
   out, ctx = nnx.remat(inner)(module, *args, **kwargs)
   for key, x in ctx.items():
-    active.records.setdefault(f"{prefix}/{key}" if prefix else key,
-                              []).append(x)
+    active.records.setdefault(_paths.join(prefix, key), []).append(x)
   return out

@@ -27,6 +27,7 @@ are TensorStore (zarr/OCDBT) data and the rest is JSON.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import struct
@@ -79,6 +80,7 @@ def _quiet_abandoned_reads() -> None:
   tracebacks after our one-line error. Only these two are dropped; anything
   else goes to the previous hook.
   """
+  _quiet_abandoned_tasks()
   previous = sys.unraisablehook
   if getattr(previous, "_cgf_optax_quiet", False):
     return
@@ -94,6 +96,78 @@ def _quiet_abandoned_reads() -> None:
 
   hook._cgf_optax_quiet = True  # type: ignore[attr-defined]
   sys.unraisablehook = hook
+
+
+def _abandoned_orbax_task(record: logging.LogRecord) -> bool:
+  """Whether ``record`` is asyncio's report of an Orbax read task whose
+  error nobody retrieved (the loop was closed under it)."""
+  msg = record.getMessage()
+  if not msg.startswith("Task exception was never retrieved"):
+    return False
+  e = record.exc_info[1] if record.exc_info else None
+  return "orbax" in msg or (isinstance(e, RuntimeError)
+                            and str(e) == "Event loop is closed")
+
+
+class _AbandonedTaskFilter(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not _abandoned_orbax_task(record)
+
+
+def _quiet_abandoned_tasks() -> None:
+  """Silences asyncio's report of the same abandoned reads.
+
+  The read coroutines of a failed restore may also be wrapped in asyncio
+  *tasks*; when such a task is collected with its error unretrieved, asyncio
+  logs ``Task exception was never retrieved`` (with a traceback) on its
+  ``asyncio`` logger, e.g. ``ERROR:asyncio:...`` under a busy machine where
+  the task outlives the loop. A filter on that logger drops those records
+  (an Orbax task, or the closed loop's error) and nothing else.
+  """
+  logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _AbandonedTaskFilter) for f in logger.filters):
+    logger.addFilter(_AbandonedTaskFilter())
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _array_names(tree: Any) -> set[str]:
+  """Orbax's names of the arrays of ``tree`` (``opt_state.0.lam``)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {".".join(_key_name(k) for k in path) for path, _ in flat}
+
+
+# Arrays added to a state's layout, and what a checkpoint without them is.
+_ADDED = {"has_loss": "EntangleState.has_loss (cgf_optax replaced the NaN "
+                      "'no loss yet' of prev_loss by this flag, issue 18)"}
+
+
+def _layout_problem(saved: set[str], here: set[str]) -> str | None:
+  """Why a checkpoint holding arrays ``saved`` cannot restore ``here``."""
+  missing, extra = sorted(here - saved), sorted(saved - here)
+  if not missing and not extra:
+    return None
+  parts = []
+  if missing:
+    parts.append(f"this run's state has {len(missing)} array(s) the "
+                 f"checkpoint lacks ({', '.join(missing[:4])}"
+                 f"{', ...' if len(missing) > 4 else ''})")
+  if extra:
+    parts.append(f"the checkpoint has {len(extra)} array(s) this run's state "
+                 f"lacks ({', '.join(extra[:4])}"
+                 f"{', ...' if len(extra) > 4 else ''})")
+  text = "its layout differs: " + "; ".join(parts)
+  added = sorted({v for m in missing for k, v in _ADDED.items()
+                  if m.rsplit(".", 1)[-1] == k})
+  if added:
+    text += (f"; it was written by an older cgf_optax, before "
+             f"{', '.join(added)}: resume it with that version, or start anew")
+  return text
 
 
 class CheckpointError(ValueError):
@@ -263,6 +337,15 @@ class RunCheckpointer:
             f"checkpoint {where} is from a different run: "
             f"{_diff(meta.get(key), value, key)}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+      saved = _array_names(
+          ocp.StandardCheckpointHandler().metadata(where / "state").tree)
+    except Exception:  # noqa: BLE001 - the restore below reports it
+      saved = None
+    problem = saved and _layout_problem(saved, _array_names(abstract))
+    if problem:
+      raise CheckpointError(f"checkpoint {where} does not match this "
+                            f"model/optimizer: {problem}{hint}")
     try:
       state = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract)))["state"]

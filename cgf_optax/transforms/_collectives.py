@@ -21,14 +21,16 @@ over. Two kinds exist, and each transform's docstring says which it takes:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from cgf_optax import _paths
 from cgf_optax import _validation as v
-from cgf_optax.transforms._leaves import path_str
+
+__all__ = ["AxisName", "LeafAxisName"]
 
 AxisName = str | tuple[str, ...] | None
 """Mesh axis name(s) of a ``shard_map``: one name, a tuple of names, or
@@ -71,45 +73,51 @@ def leaf_axis_names(name: str, value: Any) -> Callable[[str], tuple[str, ...]]:
   return lambda path: names
 
 
-def _sq(x: Any) -> jax.Array:
+def sq_norm(tree: Any) -> jax.Array:
+  """The squared norm of all leaves of ``tree``, summed in float32 (on this
+  device: no collective)."""
   return sum((jnp.sum(jnp.square(leaf.astype(jnp.float32)))
-              for leaf in jax.tree.leaves(x)), start=jnp.zeros([], jnp.float32))
-
-
-def sq_norms(parts: Sequence[Any], paths: Sequence[str],
-             axes_of: Callable[[str], tuple[str, ...]]) -> list[jax.Array]:
-  """Squared norms (float32) of ``parts`` (arrays or sub-trees), each summed
-  over the devices of its leaf's split axes; one ``psum`` per distinct set
-  of axes."""
-  local = [_sq(p) for p in parts]
-  groups: dict[tuple[str, ...], list[int]] = {}
-  for i, path in enumerate(paths):
-    groups.setdefault(axes_of(path), []).append(i)
-  out = list(local)
-  for axes, idx in groups.items():
-    if not axes:
-      continue
-    summed = jax.lax.psum(jnp.stack([local[i] for i in idx]), axes)
-    for j, i in enumerate(idx):
-      out[i] = summed[j]
-  return out
-
-
-def global_sq_norm(parts: Sequence[Any], paths: Sequence[str],
-                   axes_of: Callable[[str], tuple[str, ...]]) -> jax.Array:
-  """The squared norm of all ``parts`` together: one ``psum`` per distinct
-  set of split axes (the leaves sharing it summed locally first)."""
-  groups: dict[tuple[str, ...], jax.Array] = {}
-  for part, path in zip(parts, paths, strict=True):
-    axes = axes_of(path)
-    groups[axes] = groups.get(axes, jnp.zeros([], jnp.float32)) + _sq(part)
-  return sum((jax.lax.psum(s, axes) if axes else s
-              for axes, s in groups.items()),
+              for leaf in jax.tree.leaves(tree)),
              start=jnp.zeros([], jnp.float32))
 
 
-def leaves_with_paths(tree: Any, is_leaf: Any = None
-                      ) -> tuple[list[Any], list[str]]:
-  """The leaves of ``tree`` (or sub-trees at ``is_leaf``) and their paths."""
-  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
-  return [x for _, x in flat], [path_str(p) for p, _ in flat]
+def _no_axes(path: str) -> tuple[str, ...]:
+  del path
+  return ()
+
+
+def leaf_sq_norms(tree: Any, axes_of: Callable[[str], tuple[str, ...]] = _no_axes,
+                  is_leaf: Any = None) -> Any:
+  """The squared norm (float32) of every leaf of ``tree`` (or sub-tree at
+  ``is_leaf``), each summed over the devices of its leaf's split axes: a
+  tree of scalars, one ``psum`` per distinct set of axes (none without)."""
+  parts, paths, treedef = _paths.flatten(tree, is_leaf)
+  out = [sq_norm(p) for p in parts]
+  groups: dict[tuple[str, ...], list[int]] = {}
+  for i, path in enumerate(paths):
+    groups.setdefault(axes_of(path), []).append(i)
+  for axes, idx in groups.items():
+    if not axes:
+      continue
+    summed = jax.lax.psum(jnp.stack([out[i] for i in idx]), axes)
+    for j, i in enumerate(idx):
+      out[i] = summed[j]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def tree_sq_norm(tree: Any, axes_of: Callable[[str], tuple[str, ...]] = _no_axes,
+                 is_leaf: Any = None) -> jax.Array:
+  """The squared norm (float32) of the whole ``tree``: its leaves summed
+  locally per distinct set of split axes, then one ``psum`` per set (none
+  without axes)."""
+  parts, paths, _ = _paths.flatten(tree, is_leaf)
+  groups: dict[tuple[str, ...], jax.Array] = {}
+  for part, path in zip(parts, paths, strict=True):
+    axes = axes_of(path)
+    acc = groups.get(axes, jnp.zeros([], jnp.float32))
+    for leaf in jax.tree.leaves(part):
+      acc = acc + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+    groups[axes] = acc
+  return sum((jax.lax.psum(s, axes) if axes else s
+              for axes, s in groups.items()),
+             start=jnp.zeros([], jnp.float32))

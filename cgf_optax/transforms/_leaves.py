@@ -9,8 +9,8 @@ the *fan-in* (input) axis and second the *fan-out* axis, the layout of a Flax
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -103,26 +103,3 @@ def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
   for i, p in enumerate(perm):
     inv[p] = i
   return tuple(inv)
-
-
-def path_str(path: Sequence[Any]) -> str:
-  """A parameter path as ``'layers/0/attn/kernel'``.
-
-  A trailing ``.value`` attribute (how a Flax ``nnx.Variable`` holds its
-  array in a raw ``nnx.State``) is not part of the name, so raw and pure
-  states give the same paths.
-  """
-  path = tuple(path)
-  if (path and isinstance(path[-1], jax.tree_util.GetAttrKey)
-      and path[-1].name == "value"):
-    path = path[:-1]
-  return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
-def map_with_path_str(
-    fn: Callable[..., Any], tree: Any, *rest: Any, is_leaf: Any = None
-) -> Any:
-  """`jax.tree.map_with_path` with the path given as a ``'a/b/c'`` string."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, *xs: fn(path_str(p), *xs), tree, *rest, is_leaf=is_leaf
-  )

@@ -9,12 +9,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
+from cgf_optax import _paths
 from cgf_optax import _validation as v
 from cgf_optax.transforms import _collectives as coll
-from cgf_optax.transforms._leaves import path_str
-from cgf_optax.transforms._state import is_placeholder, not_params
+from cgf_optax.transforms._state import map_per_leaf
+
+__all__ = ["ContextAlignState", "context_align"]
 
 
 class ContextAlignState(NamedTuple):
@@ -36,9 +37,9 @@ class ContextAlignState(NamedTuple):
 
 def context_align(
     num_heads: int = 1,
-    gamma: float = 1.0,
-    rho: float = 0.9,
-    eps: float = 1e-12,
+    gamma: float | jax.Array = 1.0,
+    rho: float | jax.Array = 0.9,
+    eps: float | jax.Array = 1e-12,
     *,
     require_context: bool = True,
     axis_name: coll.AxisName = None,
@@ -112,9 +113,14 @@ def context_align(
     An :class:`optax.GradientTransformationExtraArgs` taking
     ``context={path: activations}``; paths are ``'a/b/kernel'`` strings.
 
+  Composes with :func:`optax.masked`, :func:`optax.partition` and
+  :func:`optax.multi_transform`: pass the context of the whole model; the
+  entries of parameters masked out (another transform's, which arrive as
+  :class:`optax.MaskedNode`) are ignored.
+
   Raises (at trace time): ``ValueError`` naming the path when a context's
   feature size does not match the kernel's fan-in, when ``num_heads`` does
-  not divide it, or when a context names no parameter.
+  not divide it, or when a context names no parameter of the whole model.
 
   Example:
     >>> import jax.numpy as jnp, cgf_optax
@@ -127,8 +133,10 @@ def context_align(
            [1., 1., 1.]], dtype=float32)
 
   References:
-    CEGM, Algorithm 1 lines 8–9 and Section "Implementation" (multi-head
-    attention and recurrent context aggregation) (``../shared/seeds``).
+    Sisate et al., *Contextually Entangled Gradient Mapping for Optimized
+    LLM Comprehension*,
+    Section III.B: Algorithm 1 lines 8–9, and the multi-head attention and
+    recurrent context aggregation of its implementation.
   """
   num_heads = v.static_int("num_heads", num_heads, minimum=1,
                            static_names=("num_heads",))
@@ -146,9 +154,6 @@ def context_align(
     return leaf.shape[0] // num_heads
 
   def init_fn(params: Any) -> ContextAlignState:
-    if is_placeholder(params):  # optax.tree.map_params: nothing params-shaped
-      return ContextAlignState(count=jnp.zeros([], jnp.int32),
-                               context=not_params(), steps=not_params())
     v.real_float_leaves("context_align", params)
 
     def ctx(leaf):
@@ -159,68 +164,106 @@ def context_align(
       return None if heads_of(leaf) is None else jnp.zeros([], jnp.int32)
 
     return ContextAlignState(count=jnp.zeros([], jnp.int32),
-                             context=jax.tree.map(ctx, params),
-                             steps=jax.tree.map(steps, params))
+                             context=map_per_leaf(ctx, params),
+                             steps=map_per_leaf(steps, params))
 
   def update_fn(updates, state, params=None, *, context=None, **extra_args):
     del params, extra_args
     v.real_float_leaves("context_align", updates, "updates")
-    if context is None:
-      if require_context:
-        raise ValueError(
-            "context_align needs the extra argument `context` (a mapping from "
-            "parameter path to the activations that multiply that kernel), "
-            "e.g. tx.update(grads, state, params, context=ctx); see "
-            "cgf_optax.nnx.capture_context. Build it with "
-            "require_context=False to allow steps without context.")
-      context = {}
-    if not isinstance(context, Mapping):
-      raise v.HyperparameterTypeError(
-          f"`context` must be a mapping {{path: activations}}, got "
-          f"{type(context).__name__}.")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    paths = [path_str(p) for p, _ in flat]
-    unknown = sorted(set(context) - set(paths))
-    if unknown:
-      raise ValueError(
-          f"`context` has entries for {unknown}, which are not parameter paths "
-          f"of the updates (known paths include {paths[:8]}).")
+    context, grads, paths, treedef = _contexts_of(updates, context,
+                                                  require_context)
     ctx_states = treedef.flatten_up_to(state.context)
     step_states = treedef.flatten_up_to(state.steps)
     out, new_ctx, new_steps = [], list(ctx_states), list(step_states)
-    for i, (path, (_, g)) in enumerate(zip(paths, flat, strict=True)):
+    for i, (path, g) in enumerate(zip(paths, grads, strict=True)):
       c = context.get(path)
       if c is None:
         out.append(g)
         continue
-      c = jnp.asarray(c)
-      if g.ndim < 2:
-        raise ValueError(
-            f"context_align: got a context for '{path}', of shape {g.shape}; "
-            "contexts are for kernels of 2+ dimensions.")
-      if c.ndim < 1 or c.shape[-1] != g.shape[0]:
-        raise ValueError(
-            f"context_align: the context for '{path}' has shape {c.shape}, "
-            f"whose last (feature) axis does not match the kernel's fan-in "
-            f"(axis 0) of shape {g.shape}.")
-      if ctx_states[i] is None:
-        raise ValueError(
-            f"context_align: num_heads={num_heads} does not divide the fan-in "
-            f"{g.shape[0]} of '{path}' (kernel shape {g.shape}).")
-      e, m, k = _align(g, c, ctx_states[i], step_states[i], num_heads, gamma,
-                       rho, eps, batch_axes)
+      c = _checked_context(path, g, jnp.asarray(c), ctx_states[i], num_heads)
+      e, m, k = _align(g, c, ctx_states[i], step_states[i],
+                       num_heads=num_heads, gamma=gamma, rho=rho, eps=eps,
+                       batch_axes=batch_axes)
       out.append(e)
       new_ctx[i], new_steps[i] = m, k
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
     return unflat(out), ContextAlignState(
-        count=numerics.safe_increment(state.count), context=unflat(new_ctx),
+        count=optax.safe_increment(state.count), context=unflat(new_ctx),
         steps=unflat(new_steps))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _align(g, c, m, k, num_heads, gamma, rho, eps, batch_axes=()):
-  """One leaf: pool the context, update its EMA, amplify ``g`` along it.
+def _contexts_of(updates: Any, context: Any, require_context: bool
+                 ) -> tuple[Mapping[str, Any], list[Any], list[str], Any]:
+  """The ``context`` checked against the updates' paths; the updates'
+  leaves, their paths and tree definition."""
+  if context is None:
+    if require_context:
+      raise ValueError(
+          "context_align needs the extra argument `context` (a mapping from "
+          "parameter path to the activations that multiply that kernel), "
+          "e.g. tx.update(grads, state, params, context=ctx); see "
+          "cgf_optax.nnx.capture_context. Build it with "
+          "require_context=False to allow steps without context.")
+    context = {}
+  if not isinstance(context, Mapping):
+    raise v.HyperparameterTypeError(
+        f"`context` must be a mapping {{path: activations}}, got "
+        f"{type(context).__name__}.")
+  grads, paths, treedef = _paths.flatten(updates)
+  # Inside optax.masked / optax.partition (multi_transform) the parameters
+  # of the other transforms are MaskedNodes (each may stand for a whole
+  # sub-tree): their contexts belong to the whole model and are ignored.
+  masked = _masked_paths(updates)
+  unknown = sorted(k for k in set(context) - set(paths)
+                   if not any(_under(k, m) for m in masked))
+  if unknown:
+    raise ValueError(
+        f"`context` has entries for {unknown}, which are not parameter paths "
+        f"of the updates (known paths include {paths[:8]}"
+        + (f"; masked out: {masked[:8]}" if masked else "") + ").")
+  return context, grads, paths, treedef
+
+
+def _checked_context(path: str, g: jax.Array, c: jax.Array, ctx_state: Any,
+                     num_heads: int) -> jax.Array:
+  """``c``, checked to be a context for the kernel gradient ``g``."""
+  if g.ndim < 2:
+    raise ValueError(
+        f"context_align: got a context for '{path}', of shape {g.shape}; "
+        "contexts are for kernels of 2+ dimensions.")
+  if c.ndim < 1 or c.shape[-1] != g.shape[0]:
+    raise ValueError(
+        f"context_align: the context for '{path}' has shape {c.shape}, "
+        f"whose last (feature) axis does not match the kernel's fan-in "
+        f"(axis 0) of shape {g.shape}.")
+  if ctx_state is None:
+    raise ValueError(
+        f"context_align: num_heads={num_heads} does not divide the fan-in "
+        f"{g.shape[0]} of '{path}' (kernel shape {g.shape}).")
+  return c
+
+
+def _masked_paths(tree: Any) -> list[str]:
+  """Paths of the :class:`optax.MaskedNode` nodes of ``tree``."""
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  nodes, paths, _ = _paths.flatten(tree, is_masked)
+  return [p for p, x in zip(paths, nodes, strict=True) if is_masked(x)]
+
+
+def _under(key: Any, prefix: str) -> bool:
+  """Whether the path ``key`` is ``prefix`` or inside it."""
+  return isinstance(key, str) and (
+      not prefix or key == prefix or key.startswith(prefix + _paths.SEPARATOR))
+
+
+def _align(g: jax.Array, c: jax.Array, m: jax.Array, k: jax.Array, *,
+           num_heads: int, gamma: Any, rho: Any, eps: Any,
+           batch_axes: tuple[str, ...] = ()
+           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One leaf: pool the context ``c``, update its EMA ``m`` (``k`` contexts
+  folded in so far), amplify the gradient ``g`` along it.
 
   With ``batch_axes`` (inside ``shard_map``) the softmax over tokens spans
   the tokens of every device along them.

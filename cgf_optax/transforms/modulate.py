@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import functools
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
+from cgf_optax import _arguments
 from cgf_optax import _validation as v
 from cgf_optax.transforms import _collectives as coll
+from cgf_optax.transforms._guard import guarded_update
 from cgf_optax.transforms._scales import is_scales
-from cgf_optax.transforms._state import is_placeholder
+from cgf_optax.transforms._state import map_per_leaf
 
+__all__ = ["ModulateState", "ModulateStepState", "ModulateReference", "ModulateScope",
+           "modulate_by_gradient_norm", "modulate_step"]
+
+ModulateReference = Literal["first", "ema"]
+"""The reference norm of the modulation: the first step's, or an EMA."""
+ModulateScope = Literal["global", "leaf"]
+"""One norm for the whole tree, or one per leaf."""
 REFERENCES = ("first", "ema")
 SCOPES = ("global", "leaf")
 
@@ -44,19 +53,13 @@ class ModulateState(NamedTuple):
   finite: Any
 
 
-def _sq_norm(x: Any) -> jax.Array:
-  leaves = jax.tree.leaves(x)
-  return sum((jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves),
-             start=jnp.zeros([], jnp.float32))
-
-
 def modulate_by_gradient_norm(
-    reference: str = "first",
-    max_factor: float | None = None,
-    scope: str = "global",
-    eps: float = 1e-12,
+    reference: ModulateReference = "first",
+    max_factor: float | jax.Array | None = None,
+    scope: ModulateScope = "global",
+    eps: float | jax.Array = 1e-12,
     *,
-    ema_decay: float = 0.99,
+    ema_decay: float | jax.Array = 0.99,
     axis_name: coll.LeafAxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Multiplies the updates by :math:`1 + \|\nabla_\text{adj}\| / \|\nabla\theta_0\|`.
@@ -123,7 +126,9 @@ def modulate_by_gradient_norm(
     Array(3., dtype=float32)
 
   References:
-    CGFM, Algorithm 1 line 14 (``../shared/seeds``).
+    Quillington et al., *Contextual Gradient Flow Modeling for Large
+    Language Model Generalization in Multi-Scale Feature Spaces*,
+    Section 3.3, Algorithm 1 line 14.
   """
   reference = v.choice("reference", reference, REFERENCES)
   scope = v.choice("scope", scope, SCOPES)
@@ -134,17 +139,15 @@ def modulate_by_gradient_norm(
   if not v.is_traced(ema_decay) and float(ema_decay) >= 1:
     raise ValueError(f"`ema_decay` must be < 1, got {float(ema_decay)}.")
   axes_of = coll.leaf_axis_names("axis_name", axis_name)
-  sharded = axis_name is not None
 
   def scalars(params: Any, value: float, dtype: Any) -> Any:
-    if scope == "global" or is_placeholder(params):
+    if scope == "global":
       return jnp.full([], value, dtype)
-    return jax.tree.map(lambda _: jnp.full([], value, dtype), params,
+    return map_per_leaf(lambda _: jnp.full([], value, dtype), params,
                         is_leaf=is_scales)
 
   def init_fn(params: Any) -> ModulateState:
-    if not is_placeholder(params):
-      v.real_float_leaves("modulate_by_gradient_norm", params)
+    v.real_float_leaves("modulate_by_gradient_norm", params)
     return ModulateState(
         count=jnp.zeros([], jnp.int32),
         reference=scalars(params, 0.0, jnp.float32),
@@ -153,48 +156,20 @@ def modulate_by_gradient_norm(
         factor=scalars(params, 1.0, jnp.float32),
         finite=scalars(params, True, jnp.bool_))
 
-  def step(norm, ref, ref_steps):
-    ok = jnp.isfinite(norm)
-    if reference == "first":
-      take = ok & (ref_steps == 0) & (norm > 0)
-      new_ref = jnp.where(take, norm, ref)
-      new_steps = ref_steps + take.astype(jnp.int32)
-      denom = new_ref
-    else:
-      new_ref = jnp.where(ok, ema_decay * ref + (1 - ema_decay) * norm, ref)
-      new_steps = ref_steps + ok.astype(jnp.int32)
-      denom = new_ref / (1 - ema_decay ** new_steps.astype(jnp.float32))
-      denom = jnp.where(new_steps > 0, denom, 0.0)
-    ratio = jnp.where(ok & (denom > 0), norm / jnp.maximum(denom, eps), 0.0)
-    factor = 1.0 + ratio
-    if max_factor is not None:
-      factor = jnp.minimum(factor, max_factor)
-    factor = factor.astype(jnp.float32)
-    return (factor, new_ref.astype(jnp.float32), new_steps,
-            jnp.where(ok, norm, 0.0).astype(jnp.float32), ok)
+  step = functools.partial(_factor_step, reference=reference,
+                           max_factor=max_factor, eps=eps, ema_decay=ema_decay)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     v.real_float_leaves("modulate_by_gradient_norm", updates, "updates")
     if scope == "global":
-      if sharded:
-        parts, paths = coll.leaves_with_paths(updates, is_scales)
-        norm = jnp.sqrt(coll.global_sq_norm(parts, paths, axes_of))
-      else:
-        norm = jnp.sqrt(_sq_norm(updates))
+      norm = jnp.sqrt(coll.tree_sq_norm(updates, axes_of, is_scales))
       factor, ref, steps, norm, finite = step(norm, state.reference,
                                               state.ref_steps)
       out = jax.tree.map(lambda u: (u * factor).astype(u.dtype), updates)
     else:
-      if sharded:
-        parts, paths = coll.leaves_with_paths(updates, is_scales)
-        sq = coll.sq_norms(parts, paths, axes_of)
-        norms = jax.tree.unflatten(
-            jax.tree.structure(updates, is_leaf=is_scales),
-            [jnp.sqrt(x) for x in sq])
-      else:
-        norms = jax.tree.map(lambda u: jnp.sqrt(_sq_norm(u)), updates,
-                             is_leaf=is_scales)
+      norms = jax.tree.map(jnp.sqrt,
+                           coll.leaf_sq_norms(updates, axes_of, is_scales))
       res = jax.tree.map(step, norms, state.reference, state.ref_steps)
       treedef = jax.tree.structure(norms)
       flat = treedef.flatten_up_to(res)   # [(factor, ref, ...) per leaf]
@@ -205,10 +180,35 @@ def modulate_by_gradient_norm(
           lambda u, f: jax.tree.map(lambda x: (x * f).astype(x.dtype), u),
           updates, factor, is_leaf=is_scales)
     return out, ModulateState(
-        count=numerics.safe_increment(state.count), reference=ref,
+        count=optax.safe_increment(state.count), reference=ref,
         ref_steps=steps, norm=norm, factor=factor, finite=finite)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _factor_step(norm: jax.Array, ref: jax.Array, ref_steps: jax.Array, *,
+                 reference: str, max_factor: Any, eps: Any, ema_decay: Any
+                 ) -> tuple[jax.Array, ...]:
+  """One norm's factor, and its new reference, reference count, norm and
+  finiteness (the norm is stored as 0 when it is not finite)."""
+  ok = jnp.isfinite(norm)
+  if reference == "first":
+    take = ok & (ref_steps == 0) & (norm > 0)
+    new_ref = jnp.where(take, norm, ref)
+    new_steps = ref_steps + take.astype(jnp.int32)
+    denom = new_ref
+  else:
+    new_ref = jnp.where(ok, ema_decay * ref + (1 - ema_decay) * norm, ref)
+    new_steps = ref_steps + ok.astype(jnp.int32)
+    denom = new_ref / (1 - ema_decay ** new_steps.astype(jnp.float32))
+    denom = jnp.where(new_steps > 0, denom, 0.0)
+  ratio = jnp.where(ok & (denom > 0), norm / jnp.maximum(denom, eps), 0.0)
+  factor = 1.0 + ratio
+  if max_factor is not None:
+    factor = jnp.minimum(factor, max_factor)
+  factor = factor.astype(jnp.float32)
+  return (factor, new_ref.astype(jnp.float32), new_steps,
+          jnp.where(ok, norm, 0.0).astype(jnp.float32), ok)
 
 
 class ModulateStepState(NamedTuple):
@@ -218,15 +218,13 @@ class ModulateStepState(NamedTuple):
   inner: Any
 
 
+@_arguments.with_shared(
+    _arguments.of(modulate_by_gradient_norm,
+                  ("reference", "max_factor", "scope", "eps"), positional=True),
+    _arguments.of(modulate_by_gradient_norm, ("ema_decay", "axis_name")))
 def modulate_step(
     inner: optax.GradientTransformation,
-    reference: str = "first",
-    max_factor: float | None = None,
-    scope: str = "global",
-    eps: float = 1e-12,
-    *,
-    ema_decay: float = 0.99,
-    axis_name: coll.LeafAxisName = None,
+    **modulation: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``inner`` and scales its output by the factor of its *input*'s norm.
 
@@ -241,18 +239,15 @@ def modulate_step(
   :func:`optax.apply_if_finite` or the caller sees the bad step as they would
   with any Optax optimizer.
 
+  Inside :func:`jax.shard_map`, ``axis_name`` names the axes the leaves are
+  split over, as for :func:`modulate_by_gradient_norm`; the finiteness check
+  then agrees on every device. ``inner`` must be element-wise (Adam is) or
+  do its own reductions.
+
   Args:
     inner: the transformation whose step is modulated (e.g.
       :func:`optax.scale_by_adam`).
-    reference: see :func:`modulate_by_gradient_norm`.
-    max_factor: see :func:`modulate_by_gradient_norm`.
-    scope: see :func:`modulate_by_gradient_norm`.
-    eps: see :func:`modulate_by_gradient_norm`.
-    ema_decay: see :func:`modulate_by_gradient_norm`.
-    axis_name: see :func:`modulate_by_gradient_norm` (inside
-      :func:`jax.shard_map`: the axes the leaves are split over; the
-      finiteness check then agrees on every device). ``inner`` must be
-      element-wise (Adam is) or do its own reductions.
+    {shared_args}
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` with state
@@ -267,12 +262,13 @@ def modulate_step(
     Array([ 2., -2.], dtype=float32)
 
   References:
-    CGFM, Algorithm 1 line 14 (``../shared/seeds``).
+    Quillington et al., *Contextual Gradient Flow Modeling for Large
+    Language Model Generalization in Multi-Scale Feature Spaces*,
+    Section 3.3, Algorithm 1 line 14.
   """
   inner = optax.with_extra_args_support(v.transformation("inner", inner))
-  modulation = modulate_by_gradient_norm(
-      reference, max_factor, scope, eps, ema_decay=ema_decay,
-      axis_name=axis_name)
+  per_leaf = modulation["scope"] == "leaf"
+  modulation = modulate_by_gradient_norm(**modulation)
 
   def init_fn(params: Any) -> ModulateStepState:
     return ModulateStepState(modulation=modulation.init(params),
@@ -283,20 +279,10 @@ def modulate_step(
     flags = jax.tree.leaves(mod_state.finite)
     finite = jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
     # A non-finite gradient (seen through its norm, already computed) must not
-    # poison the inner optimizer's state: the inner sees zeros instead. (A
-    # select on the input fuses into the inner update; a select between old
-    # and new states would defeat in-place updates of donated buffers.)
-    safe = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)),
-                        updates)
-    out, inner_state = inner.update(safe, state.inner, params, **extra_args)
-    factor = mod_state.factor
-    nan = jnp.float32(jnp.nan)
-    if scope == "global":
-      factor = jnp.where(finite, factor, nan)
-      out = jax.tree.map(lambda u: (u * factor).astype(u.dtype), out)
-    else:
-      out = jax.tree.map(lambda u, f: (u * jnp.where(finite, f, nan)).astype(
-          u.dtype), out, factor)
+    # poison the inner optimizer's state.
+    out, inner_state = guarded_update(
+        inner, finite, mod_state.factor, updates, state.inner, params,
+        per_leaf=per_leaf, **extra_args)
     return out, ModulateStepState(modulation=mod_state, inner=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

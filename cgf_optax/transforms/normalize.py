@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +10,12 @@ import optax
 
 from cgf_optax import _validation as v
 from cgf_optax.transforms import _collectives as coll
-from cgf_optax.transforms._state import is_placeholder
+from cgf_optax.transforms._state import map_per_leaf
 
+__all__ = ["NormalizeScope", "NormalizeState", "normalize"]
+
+NormalizeScope = Literal["leaf", "global"]
+"""Normalise every leaf by its own norm, or the tree by its global norm."""
 SCOPES = ("leaf", "global")
 
 
@@ -25,12 +29,8 @@ class NormalizeState(NamedTuple):
   norm: Any
 
 
-def _norm(x: jax.Array) -> jax.Array:
-  return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))
-
-
 def normalize(
-    scope: str = "leaf", eps: float = 1e-8, *,
+    scope: NormalizeScope = "leaf", eps: float | jax.Array = 1e-8, *,
     axis_name: coll.LeafAxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales the updates to unit norm, :math:`\hat G = E / (\|E\|_2 + \epsilon)`.
@@ -69,19 +69,20 @@ def normalize(
     Array([0.6, 0.8], dtype=float32)
 
   References:
-    CEGM, Algorithm 1 line 10 (``../shared/seeds``).
+    Sisate et al., *Contextually Entangled Gradient Mapping for Optimized
+    LLM Comprehension*,
+    Section III.B, Algorithm 1 line 10.
   """
   scope = v.choice("scope", scope, SCOPES)
   eps = v.number("eps", eps, minimum=0.0)
   axes_of = coll.leaf_axis_names("axis_name", axis_name)
-  sharded = axis_name is not None
 
   def init_fn(params: Any) -> NormalizeState:
-    if scope == "global" or is_placeholder(params):
+    if scope == "global":
       return NormalizeState(norm=jnp.zeros([], jnp.float32))
     v.real_float_leaves("normalize", params)
     return NormalizeState(
-        norm=jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params))
+        norm=map_per_leaf(lambda _: jnp.zeros([], jnp.float32), params))
 
   def divide(u: jax.Array, n: jax.Array) -> jax.Array:
     d = n + eps
@@ -97,23 +98,11 @@ def normalize(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     v.real_float_leaves("normalize", updates, "updates")
-    if sharded:
-      leaves, paths = coll.leaves_with_paths(updates)
     if scope == "global":
-      if sharded:
-        norm = jnp.sqrt(coll.global_sq_norm(leaves, paths, axes_of))
-      else:
-        norm = jnp.sqrt(sum((jnp.square(_norm(u))
-                             for u in jax.tree.leaves(updates)),
-                            start=jnp.zeros([], jnp.float32)))
+      norm = jnp.sqrt(coll.tree_sq_norm(updates, axes_of))
       out = jax.tree.map(lambda u: divide(u, norm), updates)
       return out, NormalizeState(norm=keep_finite(norm, state.norm))
-    if sharded:
-      norms = jax.tree.unflatten(
-          jax.tree.structure(updates),
-          [jnp.sqrt(x) for x in coll.sq_norms(leaves, paths, axes_of)])
-    else:
-      norms = jax.tree.map(_norm, updates)
+    norms = jax.tree.map(jnp.sqrt, coll.leaf_sq_norms(updates, axes_of))
     out = jax.tree.map(divide, updates, norms)
     return out, NormalizeState(
         norm=jax.tree.map(keep_finite, norms, state.norm))

@@ -9,14 +9,16 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
+from cgf_optax import _paths
 from cgf_optax import _validation as v
-from cgf_optax.transforms._leaves import path_str
 from cgf_optax.transforms._scales import SCALE_NAMES, is_scales
-from cgf_optax.transforms._state import is_placeholder
+
+__all__ = ["ScaleByScalesState", "ScaleWeight", "scale_by_scales"]
 
 ScaleWeight = float | jax.Array | optax.Schedule | Callable[[str], Any]
+"""A scale weight: a number, a schedule, or a function of the leaf's path
+(its first parameter named ``path``) giving either."""
 
 
 class ScaleByScalesState(NamedTuple):
@@ -96,7 +98,9 @@ def scale_by_scales(
            [ 1.,  2.]], dtype=float32)
 
   References:
-    CGFM, Algorithm 1 line 12 (``../shared/seeds``).
+    Quillington et al., *Contextual Gradient Flow Modeling for Large
+    Language Model Generalization in Multi-Scale Feature Spaces*,
+    Section 3.3, Algorithm 1 line 12.
   """
   weights = {
       "local": _check_weight("local", local),
@@ -117,24 +121,22 @@ def scale_by_scales(
     return w
 
   def init_fn(params: Any) -> ScaleByScalesState:
-    if not is_placeholder(params):
-      v.real_float_leaves("scale_by_scales", params)
+    v.real_float_leaves("scale_by_scales", params)
     return ScaleByScalesState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     v.real_float_leaves("scale_by_scales", updates, "updates")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_scales)
-    if flat and not any(is_scales(x) for _, x in flat):
+    leaves, paths, treedef = _paths.flatten(updates, is_scales)
+    if leaves and not any(map(is_scales, leaves)):
       raise ValueError(
           "scale_by_scales found no cgf_optax.Scales in its updates: put "
           "cgf_optax.decompose(...) before it in the chain.")
     out = []
-    for p, x in flat:
+    for path, x in zip(paths, leaves, strict=True):
       if not is_scales(x):
         out.append(x)
         continue
-      path = path_str(p)
       dtype = next(part.dtype for part in x if part is not None)
       acc = None
       for name in SCALE_NAMES:
@@ -145,7 +147,7 @@ def scale_by_scales(
         acc = term if acc is None else acc + term
       out.append(acc.astype(dtype))
     return (jax.tree_util.tree_unflatten(treedef, out),
-            ScaleByScalesState(count=numerics.safe_increment(state.count)))
+            ScaleByScalesState(count=optax.safe_increment(state.count)))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
