@@ -24,6 +24,8 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -392,6 +394,15 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
 
   clock = TrainClock(train_time)
   i = start
+  # Ctrl-C sets a flag the loop reads after each step, so that a checkpoint
+  # being written is never torn by the interrupt; a second Ctrl-C raises.
+  stop = threading.Event()
+  previous = None
+  if threading.current_thread() is threading.main_thread():
+    def on_sigint(signum: int, frame: Any) -> None:
+      stop.set()
+      signal.signal(signal.SIGINT, previous)
+    previous = signal.signal(signal.SIGINT, on_sigint)
   with metrics_path.open("a") as log, feed:
     sink = MetricsSink(log, clock, tokens_per_step=cfg.batch_size
                        * cfg.seq_len, lag=_LAG,
@@ -420,6 +431,8 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
                        "timed_tokens": timed[0] + tokens,
                        "timed_s": timed[1] + secs,
                        "nonfinite_steps": sink.nonfinite}, force=True)
+        if stop.is_set():
+          raise KeyboardInterrupt
         if sink.diverged:
           bar.write(f"{spec.label}: {_DIVERGED_AFTER} non-finite losses in "
                     "a row; stopping this run (diverged)")
@@ -436,6 +449,8 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
         raise ResourceError(_oom_message(cfg, f"at step {i}")) from None
       raise
     finally:
+      if previous is not None:
+        signal.signal(signal.SIGINT, previous)
       bar.close()
       if ckpt is not None:
         ckpt.close()
