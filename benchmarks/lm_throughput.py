@@ -217,8 +217,9 @@ def model_config(args: argparse.Namespace) -> GPTConfig:
     impl = "cudnn" if on_gpu and args.dtype == "bfloat16" else None
   elif impl == "default":
     impl = None
-  over = {k: getattr(args, k) for k in ("d_model", "num_layers", "num_heads")
-          if getattr(args, k)}
+  over = {k: getattr(args, k, 0) for k in ("d_model", "num_layers",
+                                           "num_heads")
+          if getattr(args, k, 0)}
   return gpt_config(args.preset, vocab_size=args.vocab, max_seq_len=args.seq,
                     **over,
                     dtype=args.dtype, param_dtype=args.param_dtype,

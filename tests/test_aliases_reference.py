@@ -163,7 +163,7 @@ def test_cgfm_adamw_matches_reference(name):
 def test_cgfm_adamw_factor_reaches_the_step():
   """With wd = 0 and b1 = 0, the step is −η f sign-like(g): f is visible."""
   params = {"w": jnp.zeros(2)}
-  tx = cgf_optax.cgfm_adamw(1.0, b1=0.0, b2=0.0, eps=1e-30, weight_decay=0.0,
+  tx = cgf_optax.cgfm_adamw(1.0, b1=0.0, b2=0.0, adam_eps=1e-30, weight_decay=0.0,
                             max_factor=None)
   state = tx.init(params)
   u, state = tx.update({"w": jnp.array([3.0, 4.0])}, state, params)
