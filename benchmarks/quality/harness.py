@@ -12,7 +12,6 @@ and between successive updates, per-position validation loss.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from typing import Any
@@ -28,11 +27,12 @@ import cgf_optax
 from cgf_optax.nnx import capture_context
 from cgf_optax.train import GPT, gpt_config
 from cgf_optax.train.data import (
-    SHAKESPEARE_VALIDATION,
-    _read_text_file,
-    batch_at,
-    shakespeare_files,
+  SHAKESPEARE_VALIDATION,
+  _read_text_file,
+  batch_at,
+  shakespeare_files,
 )
+from cgf_optax.train.step import eval_losses
 
 from .arms import Arm
 
@@ -203,18 +203,8 @@ def _cos(a: Any, b: Any) -> jax.Array:
   return dot / (optax.tree.norm(a) * optax.tree.norm(b) + 1e-30)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _eval(graphdef: nnx.GraphDef, params: nnx.State, xs: jax.Array,
-          ys: jax.Array) -> jax.Array:
-  """Per-position mean loss (nats) over the batches [n, b, t]."""
-  model = nnx.merge(graphdef, params)
-
-  def one(_, b):
-    lg = model(b[0])
-    return None, optax.softmax_cross_entropy_with_integer_labels(
-        lg, b[1]).mean(0)
-  _, per = jax.lax.scan(one, None, (xs, ys))
-  return per.mean(0)
+# Per-position mean loss (nats) over batches [n, b, t]: the engine's.
+_eval = jax.jit(eval_losses, static_argnums=0)
 
 
 class Trainer:

@@ -90,20 +90,13 @@ def build_optimizer(spec: OptimizerSpec, cfg: TrainConfig
 
 
 def decompose_of(spec: OptimizerSpec) -> optax.GradientTransformation | None:
-  """The ``decompose`` step a CGFM optimizer runs, for telemetry.
-
-  Built from the same arguments (the alias's defaults where the spec is
-  silent), so that given the optimizer's :class:`DecomposeState` it returns
-  the same :class:`cgf_optax.Scales` the optimizer saw.
-  """
+  """The ``decompose`` step a CGFM optimizer runs (:func:`cgf_optax.
+  cgfm_decompose` of the spec's options), for telemetry: given the
+  optimizer's :class:`DecomposeState` it returns the same
+  :class:`cgf_optax.Scales` the optimizer saw."""
   if spec.name not in ("cgfm", "cgfm_adamw"):
     return None
-  alias = inspect.signature(_CONSTRUCTORS[spec.name]).parameters
-  dec = inspect.signature(cgf_optax.decompose).parameters
-  kwargs = {k: p.default for k, p in alias.items()
-            if k in dec and p.default is not inspect.Parameter.empty}
-  kwargs.update({k: v for k, v in _kwargs(spec).items() if k in dec})
-  return cgf_optax.decompose(**kwargs)
+  return cgf_optax.cgfm_decompose(**_kwargs(spec))
 
 
 def telemetry_of(spec: OptimizerSpec):
