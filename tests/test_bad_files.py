@@ -8,10 +8,12 @@ binary files only.
 """
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -112,6 +114,73 @@ def test_damaged_checkpoint_file_is_named(run_dir, capsys, name, damage,
     f.unlink()
   _refused([*ARGS, "--out", str(run_dir), "--resume"], capsys, run_dir,
            str(f), problem, "checkpoints/4")
+
+
+def test_checksums_list_every_file_of_the_checkpoint(run_dir):
+  step = run_dir / "checkpoints" / "4"
+  listed = json.loads((step / "checksums.json").read_text())
+  assert listed["algorithm"] == "crc32"
+  files = {p.relative_to(step).as_posix(): p for p in step.rglob("*")
+           if p.is_file()}
+  # Every file but the ones Orbax rewrites as it commits, after the list.
+  assert set(listed["files"]) == set(files) - {
+      "checksums.json", "_CHECKPOINT_METADATA", "commit_success.txt"}
+  for name, entry in listed["files"].items():
+    data = files[name].read_bytes()
+    assert entry == {"bytes": len(data),
+                     "crc32": f"{zlib.crc32(data):08x}"}, name
+
+
+def _flip_bit(f: Path, at: float = 0.5) -> None:
+  data = bytearray(f.read_bytes())
+  data[int(len(data) * at)] ^= 0x10
+  f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("at", [0.5, 0.99])
+def test_flipped_bit_in_array_data_is_named(run_dir, capsys, at):
+  # One bit inside the compressed array data: the read alone may decode it
+  # into different numbers without an error.
+  big = _largest_file(run_dir / "checkpoints" / "4" / "state")
+  _flip_bit(big, at)
+  _refused([*ARGS, "--out", str(run_dir), "--resume"], capsys, run_dir,
+           "checkpoints/4 is corrupt", str(big), "CRC-32",
+           "to resume from step 2 instead")
+
+
+def test_grown_file_is_named(run_dir, capsys):
+  f = run_dir / "checkpoints" / "4" / "meta" / "metadata"
+  size = f.stat().st_size
+  f.write_bytes(f.read_bytes() + b" ")       # still valid JSON
+  _refused([*ARGS, "--out", str(run_dir), "--resume"], capsys, run_dir,
+           str(f), f"has {size + 1} bytes, {size} when saved")
+
+
+def test_damaged_checksum_list_is_named(run_dir, capsys):
+  f = run_dir / "checkpoints" / "4" / "checksums.json"
+  f.write_bytes(f.read_bytes()[:40])
+  _refused([*ARGS, "--out", str(run_dir), "--resume"], capsys, run_dir,
+           str(f), "not a checksum list")
+
+
+def test_listed_file_deleted_is_named(run_dir, capsys):
+  step = run_dir / "checkpoints" / "4"
+  f = _largest_file(step / "state")
+  f.unlink()
+  _refused([*ARGS, "--out", str(run_dir), "--resume"], capsys, run_dir,
+           str(f), "is missing")
+
+
+def test_checkpoint_without_checksums_resumes_with_one_warning(run_dir,
+                                                              capsys):
+  # Written before checksums were recorded: restored, unverified, said so.
+  (run_dir / "checkpoints" / "4" / "checksums.json").unlink()
+  capsys.readouterr()
+  assert cli.main([*ARGS, "--out", str(run_dir), "--resume"]) == 0
+  err = capsys.readouterr().err
+  lines = [line for line in err.splitlines() if "checksums.json" in line]
+  assert len(lines) == 1 and "unverified" in lines[0], err
+  assert "Traceback" not in err
 
 
 def test_checkpoint_of_a_different_model_size(run_dir, capsys):

@@ -18,6 +18,7 @@ import json
 import sys
 import time
 import typing
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,13 @@ def _interrupted(command: str, e: Any) -> str:
           f"{e.step}; {where}")
 
 
+def _warning_line(command: str) -> Any:
+  """``warnings.showwarning`` that prints one line, no source location."""
+  def show(message: Any, *args: Any, **kwargs: Any) -> None:
+    print(f"cgf-optax {command}: warning: {message}", file=sys.stderr)
+  return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the CLI; returns the exit status (2: bad input, 130: Ctrl-C)."""
   try:
@@ -212,7 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   from cgf_optax.train.data import DataError
   from cgf_optax.train.loop import Interrupted
   try:
-    run(command, cfg)
+    with warnings.catch_warnings():
+      warnings.showwarning = _warning_line(command)
+      run(command, cfg)
   except (DataError, CheckpointError, ConfigError,
           HyperparameterTypeError) as e:
     print(f"cgf-optax {command}: error: {e}", file=sys.stderr)
