@@ -1,12 +1,14 @@
 """Markdown tables of the GPU benchmark results, for README.md.
 
 Reads ``benchmarks/results/lm_throughput-*.json`` (one table per file, by
-model size) and the 1B ``step_overhead`` re-measurements (CEGM after the
-pooling change; ``cgfm_adamw/lowrank`` with and without ``stagger``, fp32 and
-bf16), and prints them as markdown. With ``--write`` it replaces the blocks
-between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in README.md
-(``NAME`` = ``lm_throughput``, ``step_overhead_1b``) and leaves the rest of
-the file alone.
+model size), the training loop's own speed against it
+(``engine_throughput-h200.json``) and the 1B ``step_overhead``
+re-measurements (CEGM after the pooling change; ``cgfm_adamw/lowrank`` with
+and without ``stagger``, fp32 and bf16), and prints them as markdown. With
+``--write`` it replaces the blocks between ``<!-- NAME:start -->`` and
+``<!-- NAME:end -->`` in README.md (``NAME`` = ``lm_throughput``,
+``engine_throughput``, ``step_overhead_1b``) and leaves the rest of the file
+alone.
 
 Usage::
 
@@ -42,9 +44,17 @@ def load(path: str) -> dict[str, Any]:
   with open(path) as f:
     return json.load(f)
 
+# ``cgf-optax compare`` against ``lm_throughput.py`` on the same model.
+ENGINE = "engine_throughput-h200.json"
+
 
 def lm_files() -> list[str]:
-  files = sorted(glob.glob(os.path.join(RESULTS, "lm_throughput-*.json")))
+  """The main run of each size (``lm_throughput-<device>-<size>.json``),
+  not the variants that carry a suffix."""
+  files = sorted(f for f in glob.glob(os.path.join(RESULTS,
+                                                   "lm_throughput-*.json"))
+                 if re.fullmatch(r"lm_throughput-[^-]+-\d+[mb]\.json",
+                                 os.path.basename(f)))
   return sorted(files, key=lambda f: load(f)["model"]["params"])
 
 
@@ -87,6 +97,23 @@ def lm_block() -> str:
   return "\n\n".join(lm_table(f) for f in lm_files())
 
 
+def engine_block() -> str:
+  d = load(os.path.join(RESULTS, ENGINE))
+  cols = ["model", "batch × seq", "optimizer", "`cgf-optax compare` tokens/s",
+          "`lm_throughput.py` tokens/s", "ratio"]
+  lines = [f"{d['device']}, jax {d['jax']}, bf16, cuDNN attention, byte "
+           f"vocabulary; `python benchmarks/{d['command']}` "
+           f"([`{ENGINE}`](benchmarks/results/{ENGINE})).", "",
+           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  for size in d["sizes"]:
+    for r in size["rows"]:
+      lines.append(
+          f"| {size['n_params'] / 1e6:.1f}M | {size['batch']} × {size['seq']}"
+          f" | {r['optimizer'].split(':')[0]} | {r['cli_tokens_per_s']:,.0f} "
+          f"| {r['bench_tokens_per_s']:,.0f} | {r['ratio']:.3f} |")
+  return "\n".join(lines)
+
+
 def step_overhead_block() -> str:
   cols = ["run", "optimizer", "median ms", "mean ms", "worst ms",
           "refresh / plain ms", "× adamw (median / mean)"]
@@ -118,7 +145,8 @@ def main() -> None:
   p.add_argument("--write", action="store_true",
                  help="replace the generated blocks in README.md")
   args = p.parse_args()
-  blocks = {"lm_throughput": lm_block(), "step_overhead_1b": step_overhead_block()}
+  blocks = {"lm_throughput": lm_block(), "engine_throughput": engine_block(),
+            "step_overhead_1b": step_overhead_block()}
   if not args.write:
     for body in blocks.values():
       print(body, end="\n\n")
