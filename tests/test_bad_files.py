@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -116,10 +115,28 @@ def test_damaged_checkpoint_file_is_named(run_dir, capsys, name, damage,
            str(f), problem, "checkpoints/4")
 
 
+def _crc32c_reference(data: bytes) -> int:
+  """CRC-32C bit by bit (reflected Castagnoli polynomial 0x82F63B78),
+  independent of the library the checkpoints use."""
+  table = []
+  for n in range(256):
+    for _ in range(8):
+      n = (n >> 1) ^ (0x82F63B78 if n & 1 else 0)
+    table.append(n)
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = (crc >> 8) ^ table[(crc ^ byte) & 0xFF]
+  return crc ^ 0xFFFFFFFF
+
+
+def test_crc32c_reference_check_value():
+  assert _crc32c_reference(b"123456789") == 0xE3069283   # RFC 3720, B.4
+
+
 def test_checksums_list_every_file_of_the_checkpoint(run_dir):
   step = run_dir / "checkpoints" / "4"
   listed = json.loads((step / "checksums.json").read_text())
-  assert listed["algorithm"] == "crc32"
+  assert listed["algorithm"] == "crc32c"
   files = {p.relative_to(step).as_posix(): p for p in step.rglob("*")
            if p.is_file()}
   # Every file but the ones Orbax rewrites as it commits, after the list.
@@ -128,7 +145,7 @@ def test_checksums_list_every_file_of_the_checkpoint(run_dir):
   for name, entry in listed["files"].items():
     data = files[name].read_bytes()
     assert entry == {"bytes": len(data),
-                     "crc32": f"{zlib.crc32(data):08x}"}, name
+                     "crc32c": f"{_crc32c_reference(data):08x}"}, name
 
 
 def _flip_bit(f: Path, at: float = 0.5) -> None:
@@ -144,7 +161,7 @@ def test_flipped_bit_in_array_data_is_named(run_dir, capsys, at):
   big = _largest_file(run_dir / "checkpoints" / "4" / "state")
   _flip_bit(big, at)
   _refused([*ARGS, "--out", str(run_dir), "--resume"], capsys, run_dir,
-           "checkpoints/4 is corrupt", str(big), "CRC-32",
+           "checkpoints/4 is corrupt", str(big), "CRC-32C",
            "to resume from step 2 instead")
 
 
@@ -161,6 +178,15 @@ def test_damaged_checksum_list_is_named(run_dir, capsys):
   f.write_bytes(f.read_bytes()[:40])
   _refused([*ARGS, "--out", str(run_dir), "--resume"], capsys, run_dir,
            str(f), "not a checksum list")
+
+
+def test_checksums_of_another_algorithm_are_named(run_dir, capsys):
+  f = run_dir / "checkpoints" / "4" / "checksums.json"
+  listed = json.loads(f.read_text())
+  listed["algorithm"] = "sha256"
+  f.write_text(json.dumps(listed))
+  _refused([*ARGS, "--out", str(run_dir), "--resume"], capsys, run_dir,
+           str(f), "lists 'sha256' checksums")
 
 
 def test_listed_file_deleted_is_named(run_dir, capsys):
