@@ -135,6 +135,50 @@ def cost(compiled: Any) -> dict[str, float | None]:
   return {"flops": ca.get("flops"), "bytes_accessed": ca.get("bytes accessed")}
 
 
+def kernel_summary(source: str, events: list[tuple[str, int, int]],
+                   steps: int, wall: float, top: int) -> dict[str, Any]:
+  """Per-step wall, busy and idle time, kernel count, time by kernel kind
+  and the ``top`` kernels of ``steps`` profiled steps."""
+  by_name: dict[str, list[int]] = {}
+  for name, _, dur in events:
+    by_name.setdefault(name, []).append(dur)
+  by_kind: dict[str, float] = {}
+  for name, durs in by_name.items():
+    k = kind_of(name)
+    by_kind[k] = by_kind.get(k, 0.0) + sum(durs) / steps / 1e6
+  busy = union_ns(events) / steps / 1e6
+  tops = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+  return {
+      "steps": steps,
+      "events_from": source,
+      "wall_ms": wall / steps * 1e3,
+      "busy_ms": busy,
+      "idle_ms": wall / steps * 1e3 - busy,
+      "kernel_ms": sum(by_kind.values()),
+      "kernels_per_step": len(events) / steps,
+      "by_kind_ms": dict(sorted(by_kind.items())),
+      "top_kernels": [{"name": n[:160], "ms_per_step": sum(d) / steps / 1e6,
+                       "calls_per_step": len(d) / steps} for n, d in tops],
+  }
+
+
+def traced(run: Any, steps: int) -> tuple[str, list[tuple[str, int, int]],
+                                         float]:
+  """Runs ``run(steps)`` (dispatching ``steps`` steps and waiting for the
+  last) under :func:`jax.profiler.trace`: the device events and the wall
+  time."""
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      t0 = time.perf_counter()
+      run(steps)
+      wall = time.perf_counter() - t0
+    files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+    if not files:
+      raise RuntimeError("jax.profiler.trace wrote no .xplane.pb file")
+    source, events = device_events(files[0])
+  return source, events, wall
+
+
 def profile_arm(bench: Bench, label: str, steps: int, warmup: int,
                 top: int) -> dict[str, Any]:
   arm = parse_arm(label)
@@ -146,53 +190,36 @@ def profile_arm(bench: Bench, label: str, steps: int, warmup: int,
   for i in range(warmup):
     params, state, loss = compiled(params, state, batches[i % len(batches)])
   jax.block_until_ready((params, state, loss))
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d):
-      t0 = time.perf_counter()
-      for i in range(steps):
-        params, state, loss = compiled(params, state,
-                                       batches[(warmup + i) % len(batches)])
-      jax.block_until_ready((params, state, loss))
-      wall = time.perf_counter() - t0
-    files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
-    if not files:
-      raise RuntimeError("jax.profiler.trace wrote no .xplane.pb file")
-    source, events = device_events(files[0])
-  final_loss = float(loss["loss"])
+  last = {}
+
+  def run(n: int) -> None:
+    nonlocal params, state
+    for i in range(n):
+      params, state, last["loss"] = compiled(
+          params, state, batches[(warmup + i) % len(batches)])
+    jax.block_until_ready((params, state, last["loss"]))
+
+  source, events, wall = traced(run, steps)
+  final_loss = float(last["loss"]["loss"])
   del params, state
-  by_name: dict[str, list[int]] = {}
-  for name, _, dur in events:
-    by_name.setdefault(name, []).append(dur)
-  by_kind: dict[str, float] = {}
-  for name, durs in by_name.items():
-    k = kind_of(name)
-    by_kind[k] = by_kind.get(k, 0.0) + sum(durs) / steps / 1e6
-  busy = union_ns(events) / steps / 1e6
-  tops = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
-  return {
-      "arm": label,
-      "steps": steps,
-      "events_from": source,
-      "wall_ms": wall / steps * 1e3,
-      "busy_ms": busy,
-      "idle_ms": wall / steps * 1e3 - busy,
-      "kernel_ms": sum(by_kind.values()),
-      "kernels_per_step": len(events) / steps,
-      "by_kind_ms": dict(sorted(by_kind.items())),
-      "top_kernels": [{"name": n[:160], "ms_per_step": sum(d) / steps / 1e6,
-                       "calls_per_step": len(d) / steps} for n, d in tops],
-      "xla_cost": cost(compiled),
-      "hlo": hlo_counts(compiled.as_text()),
-      "final_loss": final_loss,
-  }
+  return {"arm": label, **kernel_summary(source, events, steps, wall, top),
+          "xla_cost": cost(compiled),
+          "hlo": hlo_counts(compiled.as_text()),
+          "final_loss": final_loss}
 
 
 def optimizer_bytes(size: str, dtype: str, context_tokens: int,
-                    names: list[str] | None) -> dict[str, Any]:
+                    names: list[str] | None, profile: int = 0,
+                    top: int = 15) -> dict[str, Any]:
   """XLA's bytes accessed by the optimizer step alone (update + apply, as
   ``benchmarks/step_overhead.py`` times it), per parameter, against each
   alias's fused bytes floor. Compiled from abstract shapes: nothing is
-  allocated, so a 1B-parameter tree costs only compilation."""
+  allocated, so a 1B-parameter tree costs only compilation.
+
+  With ``profile`` > 0, each step is also run on random params, gradient
+  (and CEGM context) and ``profile`` steps dispatched back to back are
+  profiled as :func:`profile_arm` does (after one refresh period of
+  warm-up): busy and idle time, kernels per step, the top kernels."""
   import jax.numpy as jnp
 
   from benchmarks import step_overhead as so
@@ -238,13 +265,50 @@ def optimizer_bytes(size: str, dtype: str, context_tokens: int,
         "xla_over_floor": None if b is None else b / n / floor,
         "hlo": hlo_counts(compiled.as_text()),
         "compile_s": time.perf_counter() - t0})
+    if profile:
+      rows[-1]["profile"] = _profile_optimizer(
+          compiled, tx, shapes, dt, spec.uses_context, context_tokens,
+          profile, top)
     print(f"  {spec.name:22s} floor {floor:3d} B/param, XLA "
           + ("-" if b is None else f"{b / n:6.1f} B/param "
              f"({b / n / floor:.2f}× floor)")
           + f", {rows[-1]['hlo']['fusion']} fusions, "
-          f"{rows[-1]['hlo']['conditional']} conditionals", flush=True)
+          f"{rows[-1]['hlo']['conditional']} conditionals"
+          + (f"; {rows[-1]['profile']['busy_ms']:.2f} ms busy, "
+             f"{rows[-1]['profile']['wall_ms']:.2f} ms wall, "
+             f"{rows[-1]['profile']['kernels_per_step']:.0f} kernels per step"
+             if profile else ""), flush=True)
   return {"size": size, "dtype": dtype, "n_params": n, "leaves": len(flat),
           "context_tokens": context_tokens, "rows": rows}
+
+
+def _profile_optimizer(compiled: Any, tx: optax.GradientTransformation,
+                       shapes: Any, dt: Any, uses_context: bool,
+                       context_tokens: int, steps: int, top: int
+                       ) -> dict[str, Any]:
+  """Device profile of ``steps`` optimizer steps back to back (see
+  :func:`optimizer_bytes`)."""
+  import jax.numpy as jnp
+
+  from benchmarks import step_overhead as so
+
+  params = so.random_tree(shapes, jax.random.key(0), dt, 0.02)
+  grads = so.random_tree(shapes, jax.random.key(1), dt, 1e-3)
+  extra = ({"context": so.make_contexts(grads, context_tokens, dt, False),
+            "value": jnp.float32(1.0)} if uses_context else {})
+  state = tx.init(params)
+
+  def run(n: int) -> None:
+    nonlocal params, state
+    for _ in range(n):
+      params, state = compiled(params, state, grads, extra)
+    jax.block_until_ready((params, state))
+
+  run(REFRESH_EVERY + 2)
+  source, events, wall = traced(run, steps)
+  summary = kernel_summary(source, events, steps, wall, top)
+  so.free_tree((params, state, grads, extra))
+  return summary
 
 
 def add_deltas(rows: list[dict[str, Any]]) -> None:
@@ -312,6 +376,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--optimizer-dtype", default="float32")
   p.add_argument("--context-tokens", type=int, default=8192,
                  help="CEGM context per kernel for --optimizer-size")
+  p.add_argument("--optimizer-profile", type=int, default=0, metavar="STEPS",
+                 help="with --optimizer-size: also run the optimizer step "
+                      "alone and profile this many steps back to back "
+                      "(allocates the tree: 1b needs ~20 GB of device "
+                      "memory per optimizer)")
   p.add_argument("--optimizers", nargs="*", default=None,
                  help="step_overhead optimizer names for --optimizer-size "
                       "(default: all)")
@@ -360,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{args.optimizer_dtype}: XLA bytes accessed vs fused floor")
     result["optimizer_step"] = optimizer_bytes(
         args.optimizer_size, args.optimizer_dtype, args.context_tokens,
-        args.optimizers)
+        args.optimizers, args.optimizer_profile, args.top)
     write_json(result, out)
   print(f"wrote {out}")
   return result
