@@ -32,6 +32,8 @@ GiB = 1 << 30
 
 # The 1B step_overhead runs of the table, in order: (file, label).
 STEP_OVERHEAD_1B = (
+    ("step_overhead-h200-1b-float32.json",
+     "H200, fp32, context 8192 tokens, every alias"),
     ("step_overhead-h100-1b-float32-cegm.json", "fp32, context 8192 tokens"),
     ("step_overhead-h100-1b-float32-lowrank.json", "fp32"),
     ("step_overhead-h100-1b-float32-lowrank-stagger.json", "fp32, `stagger`"),
