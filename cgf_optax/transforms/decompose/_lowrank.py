@@ -172,27 +172,10 @@ def _coef_fn(left: bool):
   return lambda g, q: einsum("bmn,bnk->bmk", g, q)   # Q [b, n, k]: G Q
 
 
-# Up to this many basis vectors, a projection is written as a sum of rank-1
-# outer products rather than a matmul: elementwise, XLA fuses it into every
-# consumer (the norm pass, Adam's pass), so the [m, n] projection is never
-# written to memory and read back (2 of the 5 extra passes over a gradient-
-# sized array that made cgfm_adamw/lowrank 1.87x adamw's step on one GPU).
-# 2k flops per entry per consumer stays far below the bandwidth bound.
-_OUTER_MAX_K = 32
-
-
 def _project(q: jax.Array, c: jax.Array, left: bool) -> jax.Array:
-  """``Q C`` (``left``: Q ``[b, m, k]``, C ``[b, k, n]``) or ``C Qᵀ`` (C
-  ``[b, m, k]``, Q ``[b, n, k]``): ``[b, m, n]``."""
-  k = q.shape[-1]
-  if k > _OUTER_MAX_K:
-    return (einsum("bmk,bkn->bmn", q, c) if left
-            else einsum("bmk,bnk->bmn", c, q))
-  rows, cols = (q, jnp.swapaxes(c, -1, -2)) if left else (c, q)
-  out = rows[..., :, 0, None] * cols[..., None, :, 0]
-  for j in range(1, k):   # static: unrolled
-    out = out + rows[..., :, j, None] * cols[..., None, :, j]
-  return out
+  if left:
+    return einsum("bmk,bkn->bmn", q, c)
+  return einsum("bmk,bnk->bmn", c, q)
 
 
 def split(g: jax.Array, q: jax.Array, p: Plan) -> Scales:
