@@ -463,6 +463,15 @@ def make_plan(protocol: Protocol, out: Path) -> dict[str, Any]:
       dropped.append(a)
   runs, chosen = plan_runs(protocol, results, tuple(dropped))
   missing = [r for r in runs if r.id not in results]
+  over = total(dropped) > protocol.gpu_minutes_target
+  note = (f"projected {total(dropped):.0f} GPU-min exceeds the "
+          f"{protocol.gpu_minutes_target:.0f} target even without the "
+          "ablations; the estimate is conservative (the 25M tokens/s for "
+          "10M, the slowest measured optimizer for the unmeasured arms, 1 "
+          "assumed minute per run) and `run` re-estimates from measured "
+          "times; cut next, in this order, if measured times confirm it: "
+          "AdamW's longer budgets at 30m, cgfm and cegm (SGD forms) at "
+          "10m, the second beyond-the-papers chain" if over else None)
   optional = [r for s in protocol.optional
               for r in projected(protocol, s, projected_arms(s, ()))]
   return {
@@ -476,6 +485,7 @@ def make_plan(protocol: Protocol, out: Path) -> dict[str, Any]:
                                                               1.0))}
                 for s in protocol.sizes + protocol.optional},
       "dropped_ablations": dropped,
+      "over_target": note,
       "todo": [
           "85m (optional): not planned; a run (~26k steps) exceeds one "
           "command's 10 minutes, so it needs the engine's checkpointed "
