@@ -171,3 +171,32 @@ def test_durations():
   assert study.parse_duration("9m") == 540
   assert study.parse_duration("90") == 90
   assert study.parse_duration("1h") == 3600
+
+
+def test_muon_orthogonalises_hidden_matrices_only():
+  """The study's Muon: a hidden matrix's step is its gradient's polar
+  factor U Vᵀ (up to Newton–Schulz's accuracy and a scale), the embedding's
+  is Adam's first step, the same size in every entry with the gradient's
+  sign (the direction comes out as a descent direction, before the
+  learning rate)."""
+  import jax
+  import numpy as np
+
+  from benchmarks.quality.arms import hidden_matrices, muon_direction
+  rng = np.random.default_rng(0)
+  g = {"blocks": {"up": {"kernel": rng.normal(size=(8, 8))}},
+       "embed": {"embedding": rng.normal(size=(16, 8))}}
+  g = jax.tree.map(lambda x: np.asarray(x, np.float32), g)
+  dims = hidden_matrices(g)
+  assert dims["embed"]["embedding"] is None
+  assert dims["blocks"]["up"]["kernel"] is not None
+  tx = muon_direction(0.15)
+  u, _ = tx.update(g, tx.init(g), g)
+  w = np.asarray(u["blocks"]["up"]["kernel"])
+  a, _, bt = np.linalg.svd(g["blocks"]["up"]["kernel"])
+  polar = a @ bt
+  cos = (w * polar).sum() / np.linalg.norm(w) / np.linalg.norm(polar)
+  assert cos > 0.95
+  e = np.asarray(u["embed"]["embedding"])
+  assert np.all(np.sign(e) == np.sign(g["embed"]["embedding"]))
+  np.testing.assert_allclose(np.abs(e), np.abs(e).mean(), rtol=1e-3)

@@ -188,6 +188,9 @@ class Run:
   compile_s: float
   state_bytes: int
   diverged: bool
+  # the optimizer's own scalars per step (the engine's scalar_telemetry:
+  # CGFM's modulation factor, CEGM's λ)
+  telemetry: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
   def steps_to(self, target: float, key: str = "test") -> int | None:
     return steps_to(self.steps, self.curve[key], target)
@@ -214,6 +217,9 @@ def _cos(a: Any, b: Any) -> jax.Array:
       jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
   return dot / (optax.tree.norm(a) * optax.tree.norm(b) + 1e-30)
 
+
+# What every step reports; the rest is the optimizer's telemetry.
+_STEP_METRICS = {"loss", "grad_norm", "grad_cos", "update_cos"}
 
 # Per-position mean loss (nats) over batches [n, b, t]: the engine's.
 _eval = jax.jit(eval_losses, static_argnums=0)
@@ -320,6 +326,9 @@ class Trainer:
         out.grad_norm += [float(v) for v in m["grad_norm"]]
         out.grad_cos += [float(v) for v in m["grad_cos"]]
         out.update_cos += [float(v) for v in m["update_cos"]]
+        for name in sorted(set(m) - _STEP_METRICS):
+          out.telemetry.setdefault(name, []).extend(
+              float(v) for v in m[name])
         for n, (ex, ey) in curve_sets.items():
           out.curve[n].append(_finite(
               float(_eval(self.graphdef, state.params, ex, ey).mean()) / LN2))
