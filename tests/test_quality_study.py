@@ -27,6 +27,8 @@ def fake(out: Path, run_id: str, sel: float, test: float | None = None,
   res = {"spec": spec, "final": {"sel": sel, "test": sel if test is None
                                  else test},
          "diverged": False, "wall_s": 1.0, "tokens": 256,
+         "curves": {"tokens": [128, 256], "train_s": [0.5, 1.0],
+                    "test": [sel + 1.0, sel if test is None else test]},
          "device_kind": "cpu", "jax": "x", "corpus": {"sha256": "abc"},
          "setup": {"d_model": 16, "num_layers": 1, "num_heads": 2,
                    "seq_len": 16, "batch_size": 4, "dtype": "float32",
@@ -200,3 +202,38 @@ def test_muon_orthogonalises_hidden_matrices_only():
   e = np.asarray(u["embed"]["embedding"])
   assert np.all(np.sign(e) == np.sign(g["embed"]["embedding"]))
   np.testing.assert_allclose(np.abs(e), np.abs(e).mean(), rtol=1e-3)
+
+
+def test_aggregate_claims_and_speedup_on_fake_runs(tmp_path):
+  """AdamW's losses follow L = 5 D^-0.1 exactly; cgfm_adamw's seed mean is
+  AdamW's loss at 1.2× its tokens: speed-up 1.2, and its one claim's
+  interval and p are scipy's paired t (Holm with one claim changes
+  nothing)."""
+  law = lambda d: 5 * d ** -0.1  # noqa: E731
+  for arm in ("adamw", "cgfm_adamw"):
+    for k, loss in ((-2, 3.0), (0, 2.0), (2, 3.0), (-1, 2.5), (1, 2.5)):
+      fake(tmp_path, f"t1-{arm}-lr{k:+d}-s0", loss)
+  for s in (1, 2):
+    fake(tmp_path, f"t1-adamw-lr+0-s{s}", 9.0, law(256))
+    fake(tmp_path, f"t1-adamw-lr+0-s{s}-x1.5", 9.0, law(384), tokens=384)
+  arm = [law(1.2 * 256) + 0.001, law(1.2 * 256) - 0.003]
+  for s, v in zip((1, 2), arm, strict=True):
+    fake(tmp_path, f"t1-cgfm_adamw-lr+0-s{s}", 9.0, v)
+  summary = study.aggregate(TINY, tmp_path)
+  rep = summary["sizes"]["t1"]["report"]
+  mean = sum(arm) / 2
+  assert rep["cgfm_adamw"]["test_mean"] == pytest.approx(mean)
+  d_eq = (mean / 5) ** (-1 / 0.1)
+  assert rep["cgfm_adamw"]["speedup_vs_adamw"] == pytest.approx(d_eq / 256)
+  assert rep["adamw"]["speedup_vs_adamw"] == pytest.approx(1.0)
+  (claim,) = summary["claims"]
+  ref = stats.ttest_rel(arm, [law(256)] * 2)
+  ci = ref.confidence_interval(0.95)
+  assert claim["arm"] == "cgfm_adamw"
+  assert claim["p_holm"] == pytest.approx(ref.pvalue)
+  assert (claim["holm_lo"], claim["holm_hi"]) == pytest.approx(
+      (ci.low, ci.high))
+  assert claim["verdict"] == study.verdict(ci.low, ci.high, mean - law(256),
+                                           0.01)
+  assert (tmp_path / "summary.md").exists()
+  assert (tmp_path / "loss-t1.png").exists()

@@ -283,9 +283,10 @@ def select(protocol: Protocol, size: Size, arm: str, results: dict[str, dict],
       (-2, 0, 2), results, False, extend)
   if best is None or arm != "muon" or scaled:
     return runs, best
+  k, lr = best.k, best.lr
   more, best = grid_search(
-      lambda j: RunSpec(size.name, arm, "selection", best.k, best.lr, seed,
-                        adam_k=j, adam_lr=lr_at(a0, j)),
+      lambda j: RunSpec(size.name, arm, "selection", k, lr, seed, adam_k=j,
+                        adam_lr=lr_at(a0, j)),
       (-2, 0, 2), results, False, extend)
   return runs + [r for r in more if r.adam_k != 0], best
 
@@ -850,11 +851,13 @@ def aggregate(protocol: Protocol, out: Path) -> dict[str, Any]:
       row: dict[str, Any] = {"lr": spec.lr, "adam_lr": spec.adam_lr,
                              "n": sum(v is not None for v in vals)}
       if all(v is not None for v in vals):
-        row["test_mean"] = float(np.mean(vals))
-        row["test"] = vals
+        finite = all(math.isfinite(v) for v in vals)
+        row["diverged_seeds"] = sum(not math.isfinite(v) for v in vals)
+        row["test"] = [v if math.isfinite(v) else None for v in vals]
+        row["test_mean"] = float(np.mean(vals)) if finite else None
         row["wall_s"] = float(np.mean([results[_report(spec, s).id][
             "wall_s"] for s in protocol.report_seeds]))
-        if fit is not None:
+        if fit is not None and finite:
           d_arm = results[_report(spec, protocol.report_seeds[0]).id][
               "tokens"]
           eq = token_equivalent(*fit["a_c"], row["test_mean"])
@@ -862,10 +865,16 @@ def aggregate(protocol: Protocol, out: Path) -> dict[str, Any]:
           row["speedup_vs_adamw"] = None if eq is None else eq / d_arm
           row["extrapolated"] = (eq is not None and not (
               fit["tokens"][0] <= eq <= fit["tokens"][-1]))
-        if arm != "adamw" and base_vals and all(
-            v is not None for v in base_vals):
+        ready = (arm != "adamw" and base_vals is not None
+                 and all(v is not None for v in base_vals))
+        if ready and finite and all(math.isfinite(v) for v in base_vals):
           claims.append((size.name, arm, paired(vals, base_vals,
                                                 protocol.level)))
+        elif ready:
+          summary["claims"].append({
+              "size": size.name, "arm": arm, "mean": None, "lo": None,
+              "hi": None, "p_holm": None, "holm_lo": None, "holm_hi": None,
+              "verdict": "not tested (a seed diverged)"})
       rep[arm] = row
     summary["sizes"][size.name] = {"selection": sel, "report": rep,
                                    "adamw_fit": fit}
@@ -938,7 +947,7 @@ def markdown(summary: dict[str, Any]) -> str:
               "interval | p (Holm) | verdict |", "|---|---|---|---|---|---|---|"]
     for c in summary["claims"]:
       lines.append(
-          f"| {c['size']} | {c['arm']} | {c['mean']:+.4f} | "
+          f"| {c['size']} | {c['arm']} | {_fmt(c['mean'])} | "
           f"[{_fmt(c['lo'])}, {_fmt(c['hi'])}] | "
           f"[{_fmt(c['holm_lo'])}, {_fmt(c['holm_hi'])}] | "
           f"{_fmt(c['p_holm'], 3)} | {c['verdict']} |")
