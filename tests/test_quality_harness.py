@@ -128,19 +128,21 @@ def test_arms_merge_needs_an_existing_main(tmp_path):
 
 
 def test_flow_arm_changes_the_gradient_not_the_forward():
-  """The flow arm's loss equals AdamW's (identity forward) while its
-  gradient differs (λ_global = 0.5 reweights the causal mean part)."""
+  """Through the engine's step: the flow arm's loss equals AdamW's (identity
+  forward) while its gradient differs (λ_global = 0.5 reweights the causal
+  mean part)."""
+  from cgf_optax.train.step import Batch, TrainState
   setup = run.PRESETS["smoke"].setup
   graphdef, params = harness.init_params(setup, 0)
   x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)))
-  y = jnp.roll(x, -1, axis=1)
+  batch = Batch(x, jnp.roll(x, -1, axis=1), jnp.int32(0))
   out = {}
   for name in ("adamw", "cgfm_flow_only"):
     t = harness.Trainer(arms.ARMS[name], setup, graphdef)
-    (loss, _), g = jax.value_and_grad(t._logits_loss, has_aux=True)(
-        params, x, y)
-    out[name] = (loss, g)
-  assert out["adamw"][0] == out["cgfm_flow_only"][0]
-  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
-                      out["adamw"][1], out["cgfm_flow_only"][1])
-  assert max(jax.tree.leaves(diff)) > 1e-4
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    state = TrainState(params, t.tx.init(params), (zeros, zeros, 1e-3))
+    _, m = t.step(state, batch)
+    out[name] = m
+  assert out["adamw"]["loss"] == out["cgfm_flow_only"]["loss"]
+  assert abs(float(out["adamw"]["grad_norm"])
+             - float(out["cgfm_flow_only"]["grad_norm"])) > 1e-4

@@ -145,6 +145,77 @@ def project_topr(rank: int = 8, refresh: int = 10
   return optax.GradientTransformation(init, update)
 
 
+# ---------------------------------------------------------------- muon
+
+MUON_LR = 0.02      # optax.contrib.muon's usual peak learning rate
+
+
+def hidden_matrices(params: Any) -> Any:
+  """Muon's dimension numbers for the hidden matrices (2-D, not the
+  embedding or an output head); None (AdamW) for the rest."""
+  def one(path, p):
+    name = jax.tree_util.keystr(path)
+    hidden = p.ndim == 2 and "embed" not in name and "head" not in name
+    return optax.contrib.MuonDimensionNumbers() if hidden else None
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def muon_direction(adam_ratio: float) -> optax.GradientTransformation:
+  """Muon configured the standard way, as a descent direction at learning
+  rate 1: Newton–Schulz-orthogonalised momentum for the hidden matrices,
+  Adam for the embedding, the head, norms and biases at ``adam_ratio``
+  times the Muon rate (``optax.contrib.muon``; the sign flip undoes its
+  ``scale_by_learning_rate`` so that the shared tail adds weight decay and
+  the schedule)."""
+  return optax.chain(
+      optax.contrib.muon(1.0, adam_learning_rate=adam_ratio,
+                         muon_weight_dimension_numbers=hidden_matrices),
+      optax.scale(-1.0))
+
+
+def muon_arm(name: str, adam_lr: float, lr: float) -> Arm:
+  """Muon (standard configuration) at peak learning rate ``lr`` with its own
+  Adam peak learning rate ``adam_lr`` (the harness multiplies the whole
+  update by the peak ``lr``, so the arm is built for one pair: Adam runs at
+  ``adam_lr / lr`` times the Muon rate)."""
+  ratio = adam_lr / lr
+  return Arm(name, lambda s, wd: optax.chain(muon_direction(ratio),
+                                             *_tail(s, wd)),
+             MUON_LR, "main", doc=f"optax.contrib.muon on hidden matrices; "
+             f"AdamW on embedding/head/norms at {ratio:.3g}× the Muon rate")
+
+
+def cgfm_muon_arm(name: str, adam_lr: float, lr: float) -> Arm:
+  """Beyond the papers: CGFM's decompose → scale_by_scales (local 1, global
+  0.5) → modulate_step around standard Muon (max factor 2)."""
+  ratio = adam_lr / lr
+  return Arm(name, lambda s, wd: optax.chain(
+      cgf_optax.cgfm_decompose(), cgf_optax.scale_by_scales(1.0, 1.0, 0.5),
+      cgf_optax.modulate_step(muon_direction(ratio), max_factor=2.0),
+      *_tail(s, wd)), MUON_LR, "beyond",
+      doc="cgfm_decompose → scale_by_scales(1, 1, 0.5) → modulate_step("
+          "muon, max 2)")
+
+
+def cegm_muon_arm(name: str, adam_lr: float, lr: float) -> Arm:
+  """Beyond the papers: CEGM's entangle (λ 0.9, adaptive) → normalize(leaf)
+  → standard Muon (normalize is nearly a no-op before Muon and Adam, both
+  invariant to a leaf's scale; the arm tests entangle in front of Muon)."""
+  ratio = adam_lr / lr
+  return Arm(name, lambda s, wd: optax.chain(
+      cgf_optax.entangle(0.9, adapt_rate=0.1), cgf_optax.normalize("leaf"),
+      muon_direction(ratio), *_tail(s, wd)), MUON_LR, "beyond",
+      context=True, doc="entangle(0.9, adapt 0.1) → normalize(leaf) → muon")
+
+
+#: Arms built per (Adam learning rate, peak learning rate), the study
+#: sweeping both: name -> factory.
+MUON_FAMILY: dict[str, Callable[[str, float, float], Arm]] = {
+    "muon": muon_arm, "cgfm_muon": cgfm_muon_arm,
+    "cegm_muon": cegm_muon_arm,
+}
+
+
 # ---------------------------------------------------------------- registry
 
 ADAM_LR = 3e-3      # TrainConfig's default peak learning rate for Adam chains

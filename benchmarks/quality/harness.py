@@ -1,12 +1,14 @@
 """Training and statistics for the quality benchmark.
 
-A lean copy of :func:`cgf_optax.train.train_one`'s step (same model, same
-batches, same loss) that takes any ``GradientTransformation`` from
-:mod:`benchmarks.quality.arms`, runs ``eval_every`` steps per compiled
-``lax.scan`` call, passes the peak learning rate as a traced scalar (one
-compilation per arm serves the whole sweep and every seed) and records what
-the papers' tables need: gradient norm, cosine between successive gradients
-and between successive updates, per-position validation loss.
+The engine's train step (:func:`cgf_optax.train.step.make_train_step`: same
+model, loss, context capture for CEGM and flow hooks as
+:func:`cgf_optax.train.train_one`) and its data feed, for any
+``GradientTransformation`` of :mod:`benchmarks.quality.arms`. It runs
+``eval_every`` steps per compiled ``lax.scan`` call, passes the peak learning
+rate as a traced scalar (one compilation per arm serves the whole sweep and
+every seed) and records what the papers' tables need: gradient norm, cosine
+between successive gradients and between successive updates, per-position
+validation loss.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from flax import nnx
 from scipy import stats
 
 import cgf_optax
-from cgf_optax.nnx import capture_context
 from cgf_optax.train import GPT, gpt_config
 from cgf_optax.train.data import (
   SHAKESPEARE_VALIDATION,
@@ -32,7 +33,15 @@ from cgf_optax.train.data import (
   batch_at,
   shakespeare_files,
 )
-from cgf_optax.train.step import eval_losses
+from cgf_optax.train.feed import BatchFeed, host_batch
+from cgf_optax.train.step import (
+  Batch,
+  FlowSpec,
+  TrainState,
+  eval_losses,
+  lm_loss,
+  make_train_step,
+)
 
 from .arms import Arm
 
@@ -56,6 +65,8 @@ class Setup:
   eval_every: int = 20
   curve_batches: int = 2      # batches of 2 * batch_size, every eval_every
   final_batches: int = 8      # at the end
+  dtype: str = "float32"      # compute dtype (parameters stay float32)
+  attention: str | None = None  # GPTConfig.attention_impl (None: JAX's)
 
   def __post_init__(self):
     if self.steps % self.eval_every:
@@ -124,7 +135,8 @@ def corrupt(data: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
 def model_cfg(setup: Setup, max_seq_len: int | None = None):
   return gpt_config("tiny", d_model=setup.d_model,
                     num_layers=setup.num_layers, num_heads=setup.num_heads,
-                    max_seq_len=max_seq_len or setup.seq_len)
+                    max_seq_len=max_seq_len or setup.seq_len,
+                    dtype=setup.dtype, attention_impl=setup.attention)
 
 
 def init_params(setup: Setup, seed: int, init: str = "default"
@@ -176,6 +188,9 @@ class Run:
   compile_s: float
   state_bytes: int
   diverged: bool
+  # the optimizer's own scalars per step (the engine's scalar_telemetry:
+  # CGFM's modulation factor, CEGM's λ)
+  telemetry: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
   def steps_to(self, target: float, key: str = "test") -> int | None:
     return steps_to(self.steps, self.curve[key], target)
@@ -203,12 +218,28 @@ def _cos(a: Any, b: Any) -> jax.Array:
   return dot / (optax.tree.norm(a) * optax.tree.norm(b) + 1e-30)
 
 
+# What every step reports; the rest is the optimizer's telemetry.
+_STEP_METRICS = {"loss", "grad_norm", "grad_cos", "update_cos"}
+
 # Per-position mean loss (nats) over batches [n, b, t]: the engine's.
 _eval = jax.jit(eval_losses, static_argnums=0)
 
 
+def _scale_and_compare(grads: Any, updates: Any, aux: Any
+                       ) -> tuple[Any, Any, dict[str, jax.Array]]:
+  """The engine step's ``post_update``: multiplies the updates by the peak
+  learning rate ``aux[2]`` (a traced scalar) and measures the cosines with
+  the previous step's gradient and update (kept in ``aux``)."""
+  prev_g, prev_u, peak = aux
+  updates = jax.tree.map(lambda t: t * peak, updates)
+  return updates, (grads, updates, peak), {
+      "grad_cos": _cos(grads, prev_g), "update_cos": _cos(updates, prev_u)}
+
+
 class Trainer:
-  """The compiled step and evaluation of one arm on one setup."""
+  """The engine's train step (:func:`cgf_optax.train.step.make_train_step`)
+  for one arm on one setup, scanned over ``eval_every`` steps, and its
+  evaluation."""
 
   def __init__(self, arm: Arm, setup: Setup, graphdef: nnx.GraphDef):
     self.arm, self.setup, self.graphdef = arm, setup, graphdef
@@ -219,61 +250,37 @@ class Trainer:
     self.tx = optax.with_extra_args_support(
         optax.chain(*parts, arm.build(sched, setup.weight_decay)))
     self._chunk = None
+    flows = None
     if arm.flow:   # static per-layer numbers (λ = 1 is then exact)
-      sched = cgf_optax.flow.depth_schedule(setup.num_layers, *arm.flow[1:])
-      self._flow_lambdas = ([float(v) for v in np.asarray(sched.local)],
-                            [float(v) for v in np.asarray(sched.global_)])
+      mode, first, last = arm.flow
+      flows = FlowSpec.linear(mode, setup.num_layers, first, last)
+    self.step = make_train_step(
+        graphdef, self.tx, with_context=arm.context, flow_spec=flows,
+        loss_fn=self._regularized_loss if arm.reg_beta else None,
+        post_update=_scale_and_compare)
 
-  def _logits_loss(self, params, x, y):
-    """(mean loss incl. regularizer, (ce, context))."""
-    arm = self.arm
+  def _regularized_loss(self, params, x, y, hidden_hook):
+    """The engine's ``loss_fn`` of the regularizer arms: the LM loss plus
+    :func:`cgf_optax.losses.entanglement_penalty` on the last block's hidden
+    states (``hidden_hook`` is None: these arms have no flow)."""
+    del hidden_hook
+    hs: list[jax.Array] = []
+    last = self.setup.num_layers - 1
+
+    def keep(i, h):
+      if i == last:
+        hs.append(h)
+      return h
+    loss, _ = lm_loss(self.graphdef, params, x, y, with_context=False,
+                      hidden_hook=keep)
     model = nnx.merge(self.graphdef, params)
-    ce = lambda lg: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
-        lg, y).mean()
-    if arm.context:
-      with capture_context(model) as ctx:
-        logits = model(x)
-      ctx = dict(ctx)
-    elif arm.flow:
-      mode, (lam_l, lam_g) = arm.flow[0], self._flow_lambdas
-      logits = model(x, hidden_hook=lambda i, h: cgf_optax.flow.gradient_flow(
-          h, lam_l[i], lam_g[i], mode=mode))
-      ctx = None
-    elif arm.reg_beta:
-      hs: list[jax.Array] = []
-      last = len(model.blocks) - 1
+    head = lambda h: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+        model.embed.attend(model.norm(h)).astype(jnp.float32), y).mean()
+    return loss + cgf_optax.losses.entanglement_penalty(
+        head, hs[0], beta=self.arm.reg_beta), (loss, None)
 
-      def hook(i, h):
-        if i == last:
-          hs.append(h)
-        return h
-      logits, ctx = model(x, hidden_hook=hook), None
-    else:
-      logits, ctx = model(x), None
-    loss = ce(logits)
-    total = loss
-    if arm.reg_beta:
-      head = lambda h: ce(model.embed.attend(model.norm(h)).astype(  # noqa: E731
-          jnp.float32))
-      total = loss + cgf_optax.losses.entanglement_penalty(
-          head, hs[0], beta=arm.reg_beta)
-    return total, (loss, ctx)
-
-  def _step(self, carry, batch, peak):
-    params, opt_state, prev_g, prev_u = carry
-    x, y = batch
-    (_, (loss, ctx)), g = jax.value_and_grad(
-        self._logits_loss, has_aux=True)(params, x, y)
-    extra = {"context": ctx, "value": loss} if self.arm.context else {}
-    u, opt_state = self.tx.update(g, opt_state, params, **extra)
-    u = jax.tree.map(lambda t: t * peak, u)
-    params = optax.apply_updates(params, u)
-    m = {"loss": loss, "grad_norm": optax.tree.norm(g),
-         "grad_cos": _cos(g, prev_g), "update_cos": _cos(u, prev_u)}
-    return (params, opt_state, g, u), m
-
-  def _chunk_fn(self, carry, xs, ys, peak):
-    return jax.lax.scan(lambda c, b: self._step(c, b, peak), carry, (xs, ys))
+  def _chunk_fn(self, state: TrainState, batches: Batch):
+    return jax.lax.scan(lambda s, b: self.step(s, b), state, batches)
 
   def run(self, params0: nnx.State, data: Data, lr: float, seed: int,
           data_seed: int | None = None) -> Run:
@@ -282,16 +289,9 @@ class Trainer:
     params = jax.tree.map(jnp.copy, params0)
     opt_state = self.tx.init(params)
     state_bytes = int(sum(x.nbytes for x in jax.tree.leaves(opt_state)))
-    carry = (params, opt_state, jax.tree.map(jnp.zeros_like, params),
-             jax.tree.map(jnp.zeros_like, params))
-    peak = jnp.float32(lr)
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+    state = TrainState(params, opt_state, (zeros(), zeros(), jnp.float32(lr)))
     k = st.eval_every
-
-    def batches(i0: int):
-      b = [batch_at(data.train, i, st.batch_size, st.seq_len, ds)
-           for i in range(i0, i0 + k)]
-      return (jnp.asarray(np.stack([x for x, _ in b])),
-              jnp.asarray(np.stack([y for _, y in b])))
 
     def eval_set(arr: np.ndarray, n: int):
       b = [batch_at(arr, i, 2 * st.batch_size, st.seq_len, 777)
@@ -301,38 +301,44 @@ class Trainer:
 
     curve_sets = {n: eval_set(a, st.curve_batches)
                   for n, a in data.evals.items()}
+    feed = BatchFeed(data.train, batch_size=st.batch_size,
+                     seq_len=st.seq_len, seed=ds, start=0, stop=st.steps,
+                     chunk=k)
     t0 = time.perf_counter()
     if self._chunk is None:
-      xs, ys = batches(0)
+      first = host_batch(data.train, 0, st.batch_size, st.seq_len, ds, k)
       self._chunk = jax.jit(self._chunk_fn, donate_argnums=0).lower(
-          carry, xs, ys, peak).compile()
+          state, Batch(*jax.device_put(tuple(first)))).compile()
     compile_s = time.perf_counter() - t0
 
     out = Run(self.arm.name, lr, seed, [], {n: [] for n in data.evals}, [],
               {}, {}, [], [], [], [], compile_s, state_bytes, False)
     train_s = 0.0
-    for i0 in range(0, st.steps, k):
-      xs, ys = batches(i0)
+    with feed:
       t = time.perf_counter()
-      carry, m = self._chunk(carry, xs, ys, peak)
-      m = jax.device_get(m)
-      train_s += time.perf_counter() - t
-      out.steps.append(i0 + k)
-      out.time.append(train_s)
-      out.train_bits += [float(v) / LN2 for v in m["loss"]]
-      out.grad_norm += [float(v) for v in m["grad_norm"]]
-      out.grad_cos += [float(v) for v in m["grad_cos"]]
-      out.update_cos += [float(v) for v in m["update_cos"]]
-      for n, (ex, ey) in curve_sets.items():
-        out.curve[n].append(_finite(
-            float(_eval(self.graphdef, carry[0], ex, ey).mean()) / LN2))
-      if not np.isfinite(m["loss"]).any():
-        out.diverged = True
-        break
-    params = carry[0]
+      for i0, batches in zip(range(0, st.steps, k), feed, strict=True):
+        state, m = self._chunk(state, batches)
+        m = jax.device_get(m)
+        train_s += time.perf_counter() - t
+        out.steps.append(i0 + k)
+        out.time.append(train_s)
+        out.train_bits += [float(v) / LN2 for v in m["loss"]]
+        out.grad_norm += [float(v) for v in m["grad_norm"]]
+        out.grad_cos += [float(v) for v in m["grad_cos"]]
+        out.update_cos += [float(v) for v in m["update_cos"]]
+        for name in sorted(set(m) - _STEP_METRICS):
+          out.telemetry.setdefault(name, []).extend(
+              float(v) for v in m[name])
+        for n, (ex, ey) in curve_sets.items():
+          out.curve[n].append(_finite(
+              float(_eval(self.graphdef, state.params, ex, ey).mean()) / LN2))
+        if not np.isfinite(m["loss"]).any():
+          out.diverged = True
+          break
+        t = time.perf_counter()
     for n, a in data.evals.items():
       ex, ey = eval_set(a, st.final_batches)
-      per = np.asarray(_eval(self.graphdef, params, ex, ey)) / LN2
+      per = np.asarray(_eval(self.graphdef, state.params, ex, ey)) / LN2
       out.final[n] = _finite(float(per.mean()))
       out.position[n] = [_finite(float(v)) for v in per]
     if out.diverged:
