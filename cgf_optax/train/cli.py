@@ -176,6 +176,7 @@ def run(command: str, cfg: TrainConfig) -> dict[str, Any]:
   files = report.plot_runs(results, out / f"{command}.png", baselines=base)
   summary = {"command": " ".join(["cgf-optax", *sys.argv[1:]]),
              "config": cfg.to_json(), "corpus": corpus.describe(),
+             "data_manifest": corpus.manifest,
              "n_params": n_params, "device": jax.devices()[0].device_kind,
              "mesh": {} if mesh is None else dict(mesh.shape),
              "unigram_bits": uni, "wall_s": time.time() - t0,

