@@ -1,6 +1,6 @@
 """``cgf-optax``: train a small GPT with one optimizer, or compare several.
 
-    cgf-optax compare                      # AdamW vs CGFM vs CEGM on Shakespeare
+    cgf-optax compare                      # AdamW, CGFM, CEGM, Muon on Shakespeare
     cgf-optax compare --optimizers adamw cgfm_adamw:strategy=mean --steps 200
     cgf-optax train --optimizer cegm_adamw:num_heads=4 --out runs/cegm
     cgf-optax train --optimizer cegm_adamw --out runs/cegm --resume
