@@ -1,4 +1,4 @@
-# Two commands: `make demo` (AdamW vs CGFM vs CEGM on a small GPT) and `make test`.
+# Two commands: `make demo` (AdamW vs CGFM vs CEGM vs Muon on a small GPT) and `make test`.
 # Each creates the venv first; `make docs` builds the HTML docs.
 
 # Preferred interpreter; falls back to python3 when python3.11 is not on PATH.

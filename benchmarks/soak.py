@@ -28,8 +28,10 @@ benchmark of what a long run would reveal and a short one would not:
 The optimizers are built exactly as ``cgf-optax train`` builds them
 (:func:`cgf_optax.train.optimizers.build_optimizer`: clipping, warm-up +
 cosine schedule over the whole run, weight decay on matrices), the step is
-the CLI's (the CEGM aliases get the captured context and the loss), and the
-batches are the CLI's (``batch_at`` over the Shakespeare corpus). The
+the engine's (:func:`cgf_optax.train.step.make_train_step`, jitted with the
+state donated; the CEGM aliases get the captured context and the loss;
+the telemetry variant is not run), and the batches are the CLI's
+(:func:`cgf_optax.train.feed.host_batch` over the Shakespeare corpus). The
 optimizers run **interleaved**: round ``r`` runs window ``r`` of every
 optimizer in turn, in an order rotated each round, so a slow phase of a
 shared machine hits all of them alike and the per-window ratios compare
@@ -65,7 +67,9 @@ import optax
 
 import cgf_optax
 from cgf_optax.train import TrainConfig, data, loop, parse_optimizer_spec
-from cgf_optax.train.optimizers import build_optimizer, uses_context
+from cgf_optax.train.feed import host_batch
+from cgf_optax.train.optimizers import build_optimizer, schedule_of, uses_context
+from cgf_optax.train.step import TrainState, make_train_step
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT_DIR not in sys.path:
@@ -139,25 +143,18 @@ class Runner:
     self.label = label
     spec = parse_optimizer_spec(label)
     tx = build_optimizer(spec, cfg)
-    with_ctx = uses_context(spec)
-
-    def loss_fn(params, x, y):
-      return loop.lm_loss(graphdef, params, x, y, with_context=with_ctx)
-
-    def step(params, opt_state, x, y):
-      (loss, ctx), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, x, y)
-      extra = {"context": ctx, "value": loss} if with_ctx else {}
-      updates, opt_state = tx.update(grads, opt_state, params, **extra)
-      return optax.apply_updates(params, updates), opt_state, loss
-
-    self.step_fn = jax.jit(step, donate_argnums=(0, 1))
-    self.params = jax.tree.map(jnp.copy, params0)
-    self.opt_state = tx.init(self.params)
-    self.types_start = {"params": leaf_types(self.params),
-                        "opt_state": leaf_types(self.opt_state)}
+    step = make_train_step(graphdef, tx, with_context=uses_context(spec),
+                           schedule=schedule_of(spec, cfg))
+    # Jitted as the loop jits it (there compiled ahead of time); telemetry
+    # steps are a second variant and stay off here.
+    self.step_fn = jax.jit(step, static_argnames="telemetry",
+                           donate_argnums=0)
+    params = jax.tree.map(jnp.copy, params0)
+    self.state = TrainState(params, tx.init(params))
+    self.types_start = {"params": leaf_types(self.state.params),
+                        "opt_state": leaf_types(self.state.opt_state)}
     self.state_bytes = int(sum(x.nbytes for x in
-                               jax.tree.leaves(self.opt_state)))
+                               jax.tree.leaves(self.state.opt_state)))
     self.times = np.zeros(steps)
     self.losses = np.zeros(steps, np.float32)
     self.done = 0
@@ -170,15 +167,14 @@ class Runner:
     counter.current = self.label
     for _ in range(n):
       i = self.done
-      x, y = data.batch_at(corpus.train, i, cfg.batch_size, cfg.seq_len,
-                           cfg.data_seed)
+      batch = host_batch(corpus.train, i, cfg.batch_size, cfg.seq_len,
+                         cfg.data_seed)
       before = counter.counts.get(self.label, 0)
       t0 = time.perf_counter()
-      self.params, self.opt_state, loss = self.step_fn(
-          self.params, self.opt_state, x, y)
-      jax.block_until_ready((self.params, self.opt_state, loss))
+      self.state, metrics = self.step_fn(self.state, batch)
+      jax.block_until_ready((self.state, metrics))
       self.times[i] = time.perf_counter() - t0
-      self.losses[i] = float(loss)
+      self.losses[i] = float(metrics["loss"])
       if i == 0:
         self.cache_size_after_first = self.step_fn._cache_size()
       else:
@@ -294,8 +290,8 @@ def _soak(args: argparse.Namespace, argv: list[str] | None,
   ref = runners[0]
   results = []
   for run in runners:
-    types_end = {"params": leaf_types(run.params),
-                 "opt_state": leaf_types(run.opt_state)}
+    types_end = {"params": leaf_types(run.state.params),
+                 "opt_state": leaf_types(run.state.opt_state)}
     wins = []
     for w in range(rounds):
       sl = slice(w * args.window, (w + 1) * args.window)
@@ -407,7 +403,9 @@ def _soak(args: argparse.Namespace, argv: list[str] | None,
                  "order": "interleaved: each round runs one window of every "
                           "optimizer, order rotated per round",
                  "timing": "jitted step + block_until_ready of params, state "
-                           "and loss; host batch creation excluded",
+                           "and metrics; host batch creation excluded",
+                 "step": "cgf_optax.train.step.make_train_step (as cgf-optax "
+                         "train, telemetry off)",
                  "optimizer_build": "cgf_optax.train.optimizers."
                                     "build_optimizer (as cgf-optax train)"},
       "wall_s": wall,

@@ -99,6 +99,33 @@ def test_optimizer_spec_parsing():
     parse_optimizer_spec("adamw:b1")
 
 
+def test_default_arms_run_at_the_learning_rates_of_their_sweep():
+  """The demo's arms each peak at their own lr, the sweep's best
+  (benchmarks/results/quality/demo-lr-sweep-cpu.json), whatever --lr is."""
+  from pathlib import Path
+
+  from cgf_optax.train.optimizers import schedule_of
+  sweep = json.loads((Path(__file__).parent.parent / "benchmarks" / "results"
+                      / "quality" / "demo-lr-sweep-cpu.json").read_text())
+  cfg = TrainConfig(lr=1.0, steps=300)          # --lr reaches none of them
+  specs = [parse_optimizer_spec(s) for s in cfg.optimizers]
+  assert [s.name for s in specs] == ["adamw", "cgfm_adamw", "cegm_adamw",
+                                     "muon"]
+  for spec in specs:
+    arm = spec.label.rpartition(",lr=")[0] or spec.name
+    # Linear warm-up reaches the peak at the end of warm-up (step 30).
+    peak = float(schedule_of(spec, cfg)(cfg.warmup))
+    assert peak == pytest.approx(sweep["arms"][arm]["best_lr"]), spec.label
+
+
+def test_table_names_the_reference_without_its_options():
+  from cgf_optax.train import report
+  run = loop.RunResult("adamw:lr=0.003", [{"step": 1, "val_bits": 3.0}],
+                       1.0, 8, 0, False)
+  head = report.results_table([run]).splitlines()[0]
+  assert "steps to adamw val" in head and "x adamw " in head
+
+
 # ----------------------------------------------------------------------------
 # Training and resume
 

