@@ -521,6 +521,13 @@ def make_plan(protocol: Protocol, out: Path) -> dict[str, Any]:
 
 
 def _git() -> dict[str, Any]:
+  """The commit that runs: ``$STUDY_COMMIT`` where it is set (a copy of the
+  repository whose ``.git`` is missing or stale, as on the device machines),
+  else ``git rev-parse HEAD`` and whether the code is modified."""
+  if os.environ.get("STUDY_COMMIT"):
+    return {"commit": os.environ["STUDY_COMMIT"], "dirty": None,
+            "from": "STUDY_COMMIT"}
+
   def git(*a: str) -> str:
     return subprocess.run(["git", *a], cwd=ROOT, capture_output=True,
                           text=True, check=False).stdout.strip()
