@@ -8,6 +8,9 @@ process, on CPU: `cgf-optax` launched as 2 processes x 2 devices (and
   arithmetic is the same; only where XLA splits a reduction may differ).
   The default suite runs adamw on 2 x 2; ``-m slow`` runs adamw, cgfm_adamw
   and cegm_adamw on 2 x 2 and 4 x 1.
+* ``examples/multihost_lm.py`` (the library without the CLI: cgfm,
+  cgfm_adamw, cegm, cegm_adamw, the params gathered from every process)
+  prints the losses and the params' norm of one process (``-m slow``).
 * One process killed (SIGKILL) mid-run: the other exits within seconds,
   with a one-line error, instead of waiting in a collective or in JAX's
   shutdown barrier; ``--resume`` on all processes then continues from the last
@@ -35,6 +38,8 @@ from test_kill_resume import _assert_same_state, _records
 from test_sharded_training import LOSS_RTOL, PARAM_MAX_RTOL, PARAM_RTOL
 
 REPO = Path(__file__).resolve().parents[1]
+CLI = ["-m", "cgf_optax.train.cli"]
+EXAMPLE = [str(REPO / "examples" / "multihost_lm.py")]
 MESH = "data=2,model=2"
 BASE = ["--d-model", "64", "--num-layers", "1", "--num-heads", "2",
         "--seq-len", "16", "--batch-size", "8", "--eval-batches", "1",
@@ -69,9 +74,9 @@ def _env(devices: int, cache: Path | None) -> dict[str, str]:
 
 
 class Launch:
-  """``cgf-optax ARGS`` as ``processes`` processes of ``devices`` CPU
-  devices each (one process: no ``--coordinator``); output in
-  ``logs/<name>.<i>.out|err``."""
+  """``python ARGS`` (the CLI, or the example) as ``processes`` processes of
+  ``devices`` CPU devices each (one process: no ``--coordinator``); output
+  in ``logs/<name>.<i>.out|err``."""
 
   def __init__(self, args: list[str], processes: int, devices: int,
                logs: Path, name: str, cache: Path | None = None):
@@ -86,7 +91,7 @@ class Launch:
                 str(processes), "--process-id", str(i)])
       with open(out, "w") as fo, open(err, "w") as fe:
         self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "cgf_optax.train.cli", *args, *joint],
+            [sys.executable, *args, *joint],
             stdout=fo, stderr=fe, env=_env(devices, cache), cwd=REPO))
 
   def wait(self, timeout: float = TIMEOUT) -> list[int]:
@@ -185,7 +190,7 @@ def test_two_processes_train_as_one(tmp_path):
   """`cgf-optax train` (adamw, 3 steps) as 2 processes x 2 devices equals
   one process with 4 devices; only process 0 reports."""
   steps = 3
-  args = ["train", "--optimizer", "adamw", *BASE, "--steps", str(steps),
+  args = [*CLI, "train", "--optimizer", "adamw", *BASE, "--steps", str(steps),
           "--eval-every", str(steps), "--checkpoint-every", str(steps)]
   logs = tmp_path / "logs"
   _run([*args, "--out", str(tmp_path / "one")], 1, 4, logs, "one")
@@ -205,7 +210,7 @@ def test_processes_compare_as_one(tmp_path, processes, devices):
   """`cgf-optax compare` of adamw, cgfm_adamw and cegm_adamw (4 steps) over
   several processes equals one process with 4 devices."""
   steps = 4
-  args = ["compare", "--optimizers", *OPTIMIZERS, *BASE, "--steps",
+  args = [*CLI, "compare", "--optimizers", *OPTIMIZERS, *BASE, "--steps",
           str(steps), "--eval-every", str(steps), "--checkpoint-every",
           str(steps)]
   logs = tmp_path / "logs"
@@ -216,6 +221,22 @@ def test_processes_compare_as_one(tmp_path, processes, devices):
     slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
     _check_same_run(tmp_path / "multi" / slug, tmp_path / "one" / slug,
                     steps, spec)
+
+
+@pytest.mark.slow
+def test_example_aliases_over_processes(tmp_path):
+  """Every alias through cgf_optax.sharding, 2 processes x 2 devices,
+  against one process of 4."""
+  def results(launch: Launch) -> dict[str, list[float]]:
+    return {ln.split()[1]: [float(v) for v in ln.split()[2:]]
+            for ln in launch.stdout(0).splitlines()
+            if ln.startswith("RESULT ")}
+  one = results(_run(EXAMPLE, 1, 4, tmp_path, "one"))
+  two = results(_run(EXAMPLE, 2, 2, tmp_path, "two"))
+  assert set(one) == set(two) == {"cgfm", "cgfm_adamw", "cegm", "cegm_adamw"}
+  for name in one:
+    a, b = np.asarray(two[name]), np.asarray(one[name])
+    assert np.all(np.abs(a - b) <= LOSS_RTOL * np.abs(b)), (name, a, b)
 
 
 def _last_step(log: Path) -> int:
@@ -239,7 +260,8 @@ def test_killed_process_stops_all_and_resume_is_exact(tmp_path, victim):
   coordinator) ends the other with an error (no hang); `--resume` on both
   continues bit-exactly from the last checkpoint."""
   steps, every = 40, 10
-  args = ["train", "--optimizer", "cgfm_adamw:rank=2,num_scales=3", *BASE,
+  args = [*CLI, "train", "--optimizer", "cgfm_adamw:rank=2,num_scales=3",
+          *BASE,
           "--steps", str(steps), "--eval-every", str(every),
           "--checkpoint-every", str(every)]
   logs, cache = tmp_path / "logs", tmp_path / "cache"
