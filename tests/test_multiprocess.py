@@ -298,3 +298,30 @@ def test_killed_process_stops_all_and_resume_is_exact(tmp_path, victim):
       ref / "metrics.jsonl"), resumed.stderr()
   _assert_same_state(_state(run / "checkpoints", steps),
                      _state(ref / "checkpoints", steps), "final checkpoint")
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_one_process_stops_all(tmp_path):
+  """SIGINT to process 1 alone stops both after the same step (the next
+  evaluation or checkpoint), with status 130; `--resume` finishes the run
+  with each step logged once."""
+  steps, every = 200, 10
+  args = [*CLI, "train", "--optimizer", "adamw", *BASE, "--steps",
+          str(steps), "--eval-every", str(every), "--checkpoint-every",
+          str(every)]
+  run, logs = tmp_path / "run", tmp_path / "logs"
+  with Launch([*args, "--out", str(run)], 2, 2, logs, "stopped") as launch:
+    deadline = time.monotonic() + TIMEOUT
+    while _last_step(run / "metrics.jsonl") < 2:
+      assert time.monotonic() < deadline and launch.procs[0].poll() is None, (
+          "the run ended before it was interrupted:\n" + launch.stderr())
+      time.sleep(0.01)
+    launch.procs[1].send_signal(signal.SIGINT)
+    rcs = launch.wait(timeout=120)
+  assert rcs == [130, 130], (rcs, launch.stderr())
+  stopped = _last_step(run / "metrics.jsonl")
+  assert stopped < steps and stopped % every == 0, stopped
+  assert f"after step {stopped}" in launch.files[0][1].read_text()
+  _run([*args, "--out", str(run), "--resume"], 2, 2, logs, "resumed")
+  assert [r["step"] for r in _records(run / "metrics.jsonl")] == list(
+      range(1, steps + 1))

@@ -297,6 +297,23 @@ def _rewrite_log(path: Path, records: list[dict[str, Any]]) -> None:
   tmp.replace(path)
 
 
+def _stop_requested(stop: threading.Event, sync: bool) -> bool:
+  """Whether Ctrl-C asks to stop after this step.
+
+  Several processes must stop after the same step (a process that ran one
+  more would wait for the others in its collectives): their flags are
+  exchanged, at ``sync`` steps only (evaluations and checkpoints, where the
+  host waits for the device anyway), and a Ctrl-C of any process stops all.
+  """
+  if jax.process_count() == 1:
+    return stop.is_set()
+  if not sync:
+    return False
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(
+      np.asarray(stop.is_set()))))
+
+
 def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
               graphdef: nnx.GraphDef, params0: nnx.State, run_dir: Path,
               *, desc: str | None = None) -> RunResult:
@@ -311,7 +328,8 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
   and restored sharded. With several processes (a mesh over all their
   devices) every process runs this alike, building its own rows of each
   batch and taking part in every checkpoint; only process 0 writes
-  ``metrics.jsonl`` and shows progress.
+  ``metrics.jsonl`` and shows progress. A Ctrl-C of any process then stops
+  them all at the next evaluation or checkpoint step.
 
   Raises:
     Interrupted: on Ctrl-C, after the checkpoint being written is complete.
@@ -427,15 +445,17 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
         tele = with_telemetry and i % cfg.telemetry_every == 0
         state, m = compiled[tele](state, batch)
         host: dict[str, Any] = {}
-        if i % cfg.eval_every == 0 or i == cfg.steps:
+        evaluating = i % cfg.eval_every == 0 or i == cfg.steps
+        saving = ckpt is not None and (i == last or (
+            cfg.checkpoint_every and i % cfg.checkpoint_every == 0))
+        if evaluating:
           jax.block_until_ready(m["loss"])
           with clock.paused():
             val = np.mean(sharding.to_host(
                 [eval_loss(state.params, vx, vy) for vx, vy in val_batches]))
           host["val_bits"] = finite_or_none(val / LN2)
         sink.push(i, m, **host)
-        if ckpt is not None and (i == last or (
-            cfg.checkpoint_every and i % cfg.checkpoint_every == 0)):
+        if saving:
           sink.drain()          # the log holds every step the save holds
           tokens, secs = sink.timed()
           with clock.paused():
@@ -445,7 +465,7 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
                        "timed_tokens": timed[0] + tokens,
                        "timed_s": timed[1] + secs,
                        "nonfinite_steps": sink.nonfinite}, force=True)
-        if stop.is_set():
+        if _stop_requested(stop, evaluating or saving):
           raise KeyboardInterrupt
         if sink.diverged:
           bar.write(f"{spec.label}: {_DIVERGED_AFTER} non-finite losses in "
