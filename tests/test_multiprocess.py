@@ -15,7 +15,8 @@ process, on CPU: `cgf-optax` launched as 2 processes x 2 devices (and
   with a one-line error, instead of waiting in a collective or in JAX's
   shutdown barrier; ``--resume`` on all processes then continues from the last
   checkpoint, and the log and the final checkpoint are bit-identical to an
-  uninterrupted run of the same processes.
+  uninterrupted run of the same processes (``-m slow``).
+* SIGINT to one process stops all after the same step (``-m slow``).
 
 Each run's processes write their output to files (a full pipe would block
 them) and are killed if the test fails or a timeout passes.

@@ -468,8 +468,9 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
         if _stop_requested(stop, evaluating or saving):
           raise KeyboardInterrupt
         if sink.diverged:
-          bar.write(f"{spec.label}: {_DIVERGED_AFTER} non-finite losses in "
-                    "a row; stopping this run (diverged)")
+          if primary:
+            bar.write(f"{spec.label}: {_DIVERGED_AFTER} non-finite losses "
+                      "in a row; stopping this run (diverged)")
           break
       sink.drain()
     except KeyboardInterrupt:
