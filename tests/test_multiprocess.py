@@ -189,7 +189,8 @@ def _check_same_run(run: Path, ref: Path, steps: int, what: str) -> None:
 
 def test_two_processes_train_as_one(tmp_path):
   """`cgf-optax train` (adamw, 3 steps) as 2 processes x 2 devices equals
-  one process with 4 devices; only process 0 reports."""
+  one process with 4 devices; only process 0 reports; the checkpoint's
+  checksums cover both processes' files."""
   steps = 3
   args = [*CLI, "train", "--optimizer", "adamw", *BASE, "--steps", str(steps),
           "--eval-every", str(steps), "--checkpoint-every", str(steps)]
@@ -202,6 +203,10 @@ def test_two_processes_train_as_one(tmp_path):
       "data": 2, "model": 2}, results
   assert "wrote" in multi.stdout(0) and "wrote" not in multi.stdout(1)
   assert "optimizer" not in multi.stdout(1)        # no table
+  # Process 0 recorded the checksums of every process's files.
+  listed = json.loads((tmp_path / "two" / "checkpoints" / str(steps)
+                       / "checksums.json").read_text())["files"]
+  assert any("process_1" in name for name in listed), sorted(listed)
 
 
 @pytest.mark.slow
