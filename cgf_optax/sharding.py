@@ -40,6 +40,18 @@ structure, as Optax's ``mu``, ``nu`` and cgf_optax's per-leaf states do):
 State arrays of no parameter (step counts, λ, injected hyper-parameters) are
 replicated scalars.
 
+**Several processes** (one per host, JAX's multi-process runtime): after
+:func:`initialize` (:func:`jax.distributed.initialize`) a mesh of
+:func:`make_mesh` spans the devices of every process, and everything above
+works on it unchanged: each process runs the same program, and
+:func:`init_sharded` creates on each process only the shards of its own
+devices. What differs is the host side. No process holds a global array
+whole, so a batch is built from each process's own rows
+(:func:`process_rows`, :func:`global_batch`), and values come back to the
+host through :func:`to_host` (a local shard of a replicated array, a gather
+across processes otherwise), never :func:`jax.device_get` of an array split
+over processes.
+
 This module uses JAX and Optax only (no Flax); :mod:`cgf_optax.train` uses it.
 """
 
@@ -58,14 +70,19 @@ from cgf_optax import _paths
 
 __all__ = [
     "batch_sharding",
+    "global_batch",
     "init_sharded",
+    "initialize",
     "make_mesh",
     "mesh_of",
     "parse_mesh_axes",
+    "process_rows",
+    "replicated",
     "shard_batch",
     "spec_of",
     "split_axes",
     "state_shardings",
+    "to_host",
 ]
 
 AxisEntry = str | tuple[str, ...] | None
@@ -99,7 +116,8 @@ def make_mesh(
 
   Uses the first ``prod(sizes)`` of ``devices`` (default :func:`jax.devices`),
   so a mesh smaller than the machine is allowed (e.g. one GPU of two, to
-  measure scaling).
+  measure scaling). With several processes the default devices are those of
+  every process (process 0's first), and the mesh must use them all.
 
   Args:
     axes: axis names and sizes, in mesh order.
@@ -112,7 +130,8 @@ def make_mesh(
     A :class:`jax.sharding.Mesh`.
 
   Raises:
-    ValueError: no axes, or more devices asked for than there are.
+    ValueError: no axes, more devices asked for than there are, or (several
+      processes) fewer than all of them.
   """
   if isinstance(axes, str):
     axes = parse_mesh_axes(axes)
@@ -123,6 +142,10 @@ def make_mesh(
   if n > len(devices):
     raise ValueError(f"mesh {dict(axes)} needs {n} devices; {len(devices)} "
                      "are available")
+  if jax.process_count() > 1 and n < len(devices):
+    raise ValueError(f"mesh {dict(axes)} has {n} devices; the "
+                     f"{jax.process_count()} processes have {len(devices)}, "
+                     "and a mesh over several processes must use them all")
   kind = (jax.sharding.AxisType.Explicit if explicit
           else jax.sharding.AxisType.Auto)
   return jax.make_mesh(tuple(axes.values()), tuple(axes),
@@ -142,12 +165,118 @@ def shard_batch(x: Any, mesh: Mesh, batch_axes: AxisEntry = "data") -> Any:
   """Places a host batch (a NumPy array or a tree of them) on the mesh.
 
   Each leaf's leading axis is split over ``batch_axes``; its size must be
-  divisible by their total size.
+  divisible by their total size. Every process passes the whole batch and
+  transfers only its own rows (:func:`global_batch` builds the batch from
+  those rows alone).
   """
   def put(a):
     a = np.asarray(a)
-    return jax.device_put(a, batch_sharding(mesh, a.ndim, batch_axes))
+    return global_batch(a[process_rows(mesh, len(a), batch_axes)], mesh,
+                        len(a), batch_axes)
   return jax.tree.map(put, x)
+
+
+def initialize(coordinator: str | None = None,
+               num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+  """Starts JAX's multi-process runtime (:func:`jax.distributed.initialize`).
+
+  Call it first, before anything else uses JAX, in every process (one per
+  host). ``coordinator`` is ``"HOST:PORT"`` of process 0, with
+  ``num_processes`` and this ``process_id``; all ``None`` lets JAX detect a
+  managed cluster (SLURM, Open MPI, Kubernetes, Cloud TPU) from its
+  environment variables. CPU devices exchange their collectives through
+  Gloo (it has no effect on GPUs), so the same program runs several
+  processes on one machine.
+  """
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
+def process_rows(mesh: Mesh, batch_size: int,
+                 batch_axes: AxisEntry = "data") -> slice:
+  """The rows of a global batch ``[batch_size, ...]`` that this process's
+  devices hold under :func:`batch_sharding` (all of them with one process).
+
+  Raises:
+    ValueError: ``batch_size`` is not divisible by the ``batch_axes`` size,
+      this process holds no device of the mesh, or its rows are not one
+      contiguous block (a mesh whose device order interleaves processes
+      along ``batch_axes``).
+  """
+  n = math.prod(mesh.shape[a] for a in _names(batch_axes))
+  if batch_size % n:
+    raise ValueError(f"batch size {batch_size} is not divisible by the "
+                     f"{_names(batch_axes)} mesh axes' size {n}")
+  spans = sorted({s.indices(batch_size)[:2] for s, in batch_sharding(
+      mesh, 1, batch_axes).addressable_devices_indices_map(
+          (batch_size,)).values()})
+  if not spans:
+    raise ValueError(f"process {jax.process_index()} holds no device of the "
+                     "mesh")
+  start, stop = spans[0][0], spans[-1][1]
+  if sum(b - a for a, b in spans) != stop - start:
+    raise ValueError(f"process {jax.process_index()} holds rows {spans} of "
+                     "the batch, not one block: order the mesh's devices by "
+                     "process along the batch axes")
+  return slice(start, stop)
+
+
+def global_batch(local: Any, mesh: Mesh, batch_size: int,
+                 batch_axes: AxisEntry = "data") -> Any:
+  """The global batch, from this process's rows of it.
+
+  Args:
+    local: this process's rows (:func:`process_rows`) of the batch, a NumPy
+      array or a tree of them, each ``[rows, ...]``.
+    mesh: the mesh (it may span several processes).
+    batch_size: the global batch's size.
+    batch_axes: the mesh axes the batch axis is split over.
+
+  Returns:
+    Arrays ``[batch_size, ...]`` on ``batch_sharding(mesh, ndim,
+    batch_axes)``, built with :func:`jax.make_array_from_process_local_data`
+    (each process transfers only its rows, to its own devices).
+  """
+  def put(a):
+    a = np.asarray(a)
+    return jax.make_array_from_process_local_data(
+        batch_sharding(mesh, a.ndim, batch_axes), a,
+        (batch_size, *a.shape[1:]))
+  return jax.tree.map(put, local)
+
+
+def replicated(x: Any, mesh: Mesh) -> Any:
+  """A host value (a tree of NumPy arrays or scalars, equal on every
+  process) replicated on every device of the mesh."""
+  def put(a):
+    a = np.asarray(a)
+    return jax.make_array_from_process_local_data(
+        NamedSharding(mesh, PartitionSpec()), a, a.shape)
+  return jax.tree.map(put, x)
+
+
+def to_host(tree: Any) -> Any:
+  """NumPy values of a tree of arrays, on every process.
+
+  An array this process holds whole (one process, or replicated, as a loss
+  or a norm is) is copied from a local shard; one split over processes is
+  gathered from all of them
+  (:func:`jax.experimental.multihost_utils.process_allgather`, a collective:
+  every process must call it alike). :func:`jax.device_get` of such an
+  array fails.
+  """
+  from jax.experimental import multihost_utils
+
+  def get(x):
+    if not isinstance(x, jax.Array):
+      return x
+    if x.is_fully_addressable:
+      return np.asarray(x)
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(get, tree)
 
 
 def mesh_of(tree: Any) -> Mesh | None:

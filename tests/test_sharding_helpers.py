@@ -1,11 +1,13 @@
 """cgf_optax.sharding and cgf_optax.train.parallel on one device: the spec
-rule, mesh parsing, axis_name validation. (Several devices:
-test_sharded_training.py.)"""
+rule, mesh parsing, axis_name validation, the multi-process batch and fetch
+helpers as one process sees them. (Several devices:
+test_sharded_training.py; several processes: test_multiprocess.py.)"""
 
 import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -84,6 +86,24 @@ def test_parse_and_make_mesh():
     sharding.make_mesh({})
   mesh = sharding.make_mesh("data=1", explicit=True)
   assert mesh.axis_types == (jax.sharding.AxisType.Explicit,)
+
+
+def test_process_helpers_on_one_process():
+  """One process holds every row; global_batch, shard_batch and replicated
+  place the host values; to_host returns them."""
+  mesh = sharding.make_mesh({"data": 1})
+  x = np.arange(24, dtype=np.int32).reshape(8, 3)
+  assert sharding.process_rows(mesh, 8) == slice(0, 8)
+  g = sharding.global_batch({"x": x}, mesh, 8)["x"]
+  assert g.shape == (8, 3) and g.sharding.spec == P("data", None)
+  np.testing.assert_array_equal(sharding.to_host(g), x)
+  np.testing.assert_array_equal(sharding.to_host(sharding.shard_batch(x, mesh)),
+                                x)
+  r = sharding.replicated(np.int32(5), mesh)
+  assert r.sharding.spec == P() and sharding.to_host({"r": r})["r"] == 5
+  assert parallel.batch_rows(None, 8) == slice(None)
+  with pytest.raises(ValueError, match="not divisible"):
+    sharding.process_rows(types.SimpleNamespace(shape={"data": 3}), 8)
 
 
 def test_train_mesh_and_divisibility():

@@ -59,6 +59,10 @@ def test_batches_are_a_function_of_seed_and_step(corpus):
   assert not np.array_equal(x1, x3)
   np.testing.assert_array_equal(x1[:, 1:], y1[:, :-1])   # next-byte targets
   assert x1.dtype == np.int32 and x1.shape == (3, 16)
+  # A process's rows of a global batch are those rows of the whole batch.
+  xr, yr = data.batch_at(corpus.train, 7, 3, 16, seed=1, rows=slice(1, 3))
+  np.testing.assert_array_equal(xr, x1[1:3])
+  np.testing.assert_array_equal(yr, y1[1:3])
 
 
 def test_python_corpus_splits_by_file():
@@ -257,6 +261,11 @@ def test_cli_train_and_resume(tmp_path, capsys):
     (["--steps", "-3"], "--steps must be a positive integer"),
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--mesh", "data=0"], "--mesh"),
+    (["--num-processes", "2"], "need --coordinator HOST:PORT"),
+    (["--coordinator", "host"], "expected HOST:PORT or auto"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"],
+     "--process-id 0 .. N - 1"),
+    (["--coordinator", "auto", "--process-id", "0"], "leave out"),
     (["--data", "/nonexistent/path"], "does not exist"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, argv, message):

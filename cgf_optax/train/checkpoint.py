@@ -30,6 +30,14 @@ before Orbax reads.
 A checkpoint written before checksums were recorded is restored with a
 warning that it is unverified.
 
+Several processes (one per host, a mesh over all their devices): every
+process calls :meth:`RunCheckpointer.save` and :meth:`RunCheckpointer.restore`
+alike, on one folder they all see (a shared filesystem). Each writes the
+shards of its own devices; process 0 writes the metadata, records the
+checksums once every process has written, commits, and removes old
+checkpoints. On restore every process verifies the checksums and reads what
+its devices hold.
+
 Checkpoints are restored into a target built from the run's own
 initialisation (shapes, dtypes, shardings); nothing is unpickled: the arrays
 are TensorStore (zarr/OCDBT) data and the rest is JSON.
@@ -348,9 +356,10 @@ class RunCheckpointer:
     write_checksums(tmp[0])
 
   def _empty_trash(self) -> None:
-    """Removes checkpoints already renamed away for deletion."""
+    """Removes checkpoints already renamed away for deletion (process 0
+    only, as Orbax deletes there too)."""
     trash = self.directory / TRASH
-    if trash.is_dir():
+    if jax.process_index() == 0 and trash.is_dir():
       shutil.rmtree(trash, ignore_errors=True)
 
   def latest_step(self) -> int | None:

@@ -4,6 +4,8 @@
     cgf-optax compare --optimizers adamw cgfm_adamw:strategy=mean --steps 200
     cgf-optax train --optimizer cegm_adamw:num_heads=4 --out runs/cegm
     cgf-optax train --optimizer cegm_adamw --out runs/cegm --resume
+    cgf-optax train --mesh data=16 --coordinator host0:1234 \\
+        --num-processes 2 --process-id 0     # on each host, its own id
 
 Every flag is a field of :class:`cgf_optax.train.TrainConfig`. Bad input
 (unknown optimizer or option, missing data, a checkpoint of another run)
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import typing
@@ -110,14 +113,37 @@ def _write_atomic(path: Path, text: str) -> None:
   tmp.replace(path)
 
 
+def start_processes(cfg: TrainConfig) -> None:
+  """Joins JAX's multi-process runtime as ``--coordinator`` says (nothing
+  for one process)."""
+  from cgf_optax import sharding
+
+  if cfg.coordinator == "auto":
+    sharding.initialize()
+  elif cfg.coordinator:
+    sharding.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+  """``print`` of the processes other than 0."""
+
+
 def run(command: str, cfg: TrainConfig) -> dict[str, Any]:
   """Runs ``train`` or ``compare``; returns the summary written to
-  ``results.json``."""
+  ``results.json``.
+
+  With several processes each runs this alike; only process 0 prints and
+  writes the summary, tables and plots.
+  """
   import jax
 
   from cgf_optax import sharding
   from cgf_optax.train import data, loop, report
   from cgf_optax.train.optimizers import build_optimizer
+
+  start_processes(cfg)        # before anything starts JAX's backends
+  primary = jax.process_index() == 0
+  say = print if primary else _silent
 
   specs = [parse_optimizer_spec(s) for s in cfg.optimizers]
   if command == "train":
@@ -135,7 +161,7 @@ def run(command: str, cfg: TrainConfig) -> dict[str, Any]:
   config_text = json.dumps(cfg.to_json(), indent=1) + "\n"
   # Written now for a new run folder; otherwise only after training, so a
   # refused --resume (a bad checkpoint, another run's folder) changes nothing.
-  if not (out / "config.json").exists():
+  if primary and not (out / "config.json").exists():
     _write_atomic(out / "config.json", config_text)
   graphdef, params0 = loop.init_model(cfg)
   n_params = sum(x.size for x in jax.tree.leaves(params0))
@@ -143,12 +169,14 @@ def run(command: str, cfg: TrainConfig) -> dict[str, Any]:
   mesh = sharding.mesh_of(params0)
   where = (jax.devices()[0].device_kind if mesh is None else
            f"{mesh.size} x {jax.devices()[0].device_kind}, mesh "
-           + ", ".join(f"{a}={n}" for a, n in mesh.shape.items()))
-  print(f"data: {corpus.describe()}")
-  print(f"model: GPT preset {cfg.model!r}, {n_params:,} parameters, "
+           + ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
+           + (f", {jax.process_count()} processes"
+              if jax.process_count() > 1 else ""))
+  say(f"data: {corpus.describe()}")
+  say(f"model: GPT preset {cfg.model!r}, {n_params:,} parameters, "
         f"{cfg.seq_len} bytes per sequence, {cfg.batch_size} sequences per "
         f"step; device: {where}")
-  print("reference points (validation bits per byte): uniform guess 8.000, "
+  say("reference points (validation bits per byte): uniform guess 8.000, "
         f"unigram entropy {data.unigram_bits(corpus.val):.3f}")
   results = []
   t0 = time.time()
@@ -158,32 +186,35 @@ def run(command: str, cfg: TrainConfig) -> dict[str, Any]:
     if command == "compare" and cfg.resume and not _has_checkpoint(run_dir):
       # The comparison stopped before this optimizer began, or before its
       # first checkpoint: start it.
-      print(f"{spec.label}: not started before (no checkpoint), starting "
+      say(f"{spec.label}: not started before (no checkpoint), starting "
             "from step 0")
       run_cfg = dataclasses.replace(cfg, resume=False)
     results.append(loop.train_one(run_cfg, spec, corpus, graphdef, params0,
                                   run_dir, desc=f"{spec.label:>16}"))
   table = report.results_table(results, reference=specs[0].label)
   uni = data.unigram_bits(corpus.val)
-  print()
-  print(table)
-  print(f"\nLosses are bits per byte ('train' is the mean of the last 20 "
+  say()
+  say(table)
+  say(f"\nLosses are bits per byte ('train' is the mean of the last 20 "
         f"steps; 'val' is on held-out documents). A uniform guess scores "
         f"8.000 and the byte unigram entropy is {uni:.3f}.")
   for r in results:
     if r.nonfinite_steps:
-      print(f"{r.label}: {r.nonfinite_steps} steps had a non-finite loss")
-  files = report.plot_runs(results, out / f"{command}.png", baselines=base)
+      say(f"{r.label}: {r.nonfinite_steps} steps had a non-finite loss")
   summary = {"command": " ".join(["cgf-optax", *sys.argv[1:]]),
              "config": cfg.to_json(), "corpus": corpus.describe(),
              "data_manifest": corpus.manifest,
              "n_params": n_params, "device": jax.devices()[0].device_kind,
              "mesh": {} if mesh is None else dict(mesh.shape),
+             "processes": jax.process_count(),
              "unigram_bits": uni, "wall_s": time.time() - t0,
              "results": [r.summary() for r in results]}
   ref = results[0].final_val
   for r, s in zip(results, summary["results"], strict=True):
     s["steps_to_reference_val"] = r.steps_to(ref)
+  if not primary:
+    return summary
+  files = report.plot_runs(results, out / f"{command}.png", baselines=base)
   _write_atomic(out / "config.json", config_text)
   _write_atomic(out / "results.json", json.dumps(summary, indent=1) + "\n")
   _write_atomic(out / "table.txt", table + "\n")
@@ -209,12 +240,37 @@ def _warning_line(command: str) -> Any:
   return show
 
 
+def _lost_process(command: str, e: Exception) -> typing.NoReturn:
+  """Ends one of several processes whose computation failed (status 1).
+
+  A collective fails at once on the survivors when a process dies, but
+  JAX's exit would then wait in its shutdown barrier for the dead process
+  until the heartbeat timeout (100 s), and abort; this process leaves now
+  instead, with one line. A checkpoint being written is abandoned (never
+  committed).
+  """
+  import jax
+
+  reason = " ".join(str(e).split())[:300]
+  print(f"cgf-optax {command}: error: process {jax.process_index()} of "
+        f"{jax.process_count()} stopped: {reason}. With several processes "
+        "this usually means another one died; start them all again with "
+        "--resume to continue from the last complete checkpoint",
+        file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the CLI; returns the exit status (2: bad input, 130: Ctrl-C)."""
+  """Runs the CLI; returns the exit status (2: bad input, 130: Ctrl-C; 1
+  when one of several processes fails, :func:`_lost_process`)."""
   try:
     command, cfg = parse_args(argv)
   except KeyboardInterrupt:
     return 130
+  from jax.errors import JaxRuntimeError
+
   from cgf_optax._validation import HyperparameterTypeError
   from cgf_optax.train.checkpoint import CheckpointError
   from cgf_optax.train.config import ConfigError
@@ -235,6 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"cgf-optax {command}: interrupted before training began; nothing "
           "was written to resume from", file=sys.stderr)
     return 130
+  except JaxRuntimeError as e:
+    if not cfg.coordinator:
+      raise
+    _lost_process(command, e)
   return 0
 
 

@@ -131,6 +131,19 @@ class TrainConfig:
                      "(empty: one device, no sharding)")
   progress: bool = _field(True, "show progress bars")
 
+  # Several processes (one per host).
+  coordinator: str = _field("", "HOST:PORT of process 0: run as one of "
+                            "--num-processes processes (one per host) over "
+                            "a --mesh of all their devices; 'auto': JAX "
+                            "detects the cluster (SLURM, Open MPI, "
+                            "Kubernetes) from its environment variables; "
+                            "empty: one process")
+  num_processes: int = _field(0, "number of processes (with --coordinator "
+                              "HOST:PORT)")
+  process_id: int = _field(-1, "this process's index, 0 .. "
+                           "--num-processes - 1 (with --coordinator "
+                           "HOST:PORT)")
+
   def __post_init__(self):
     positive = ("steps", "seq_len", "batch_size", "eval_every",
                 "eval_batches", "keep_checkpoints")
@@ -178,6 +191,7 @@ class TrainConfig:
       raise ConfigError(f"--optimizers lists the same optimizer twice: "
                        f"{labels}")
     parse_mesh(self.mesh)
+    check_processes(self.coordinator, self.num_processes, self.process_id)
 
   @property
   def flow_lambdas(self) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -253,6 +267,31 @@ def parse_optimizer_spec(text: str) -> OptimizerSpec:
   if len(set(keys)) != len(keys):
     raise ConfigError(f"optimizer spec {text!r} repeats an option")
   return OptimizerSpec(name, tuple(kwargs))
+
+
+def check_processes(coordinator: str, num_processes: int,
+                    process_id: int) -> None:
+  """Refuses an incomplete or inconsistent ``--coordinator``,
+  ``--num-processes``, ``--process-id``."""
+  given = num_processes != 0 or process_id != -1
+  if not coordinator:
+    if given:
+      raise ConfigError("--num-processes and --process-id need --coordinator "
+                        "HOST:PORT")
+    return
+  if coordinator == "auto":
+    if given:
+      raise ConfigError("--coordinator auto takes the processes from the "
+                        "cluster: leave out --num-processes and --process-id")
+    return
+  host, _, port = coordinator.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ConfigError(f"--coordinator {coordinator!r}: expected HOST:PORT "
+                      "or auto")
+  if num_processes < 1 or not 0 <= process_id < num_processes:
+    raise ConfigError(f"--coordinator {coordinator} needs --num-processes "
+                      f"N >= 1 and --process-id 0 .. N - 1, got "
+                      f"{num_processes} and {process_id}")
 
 
 def parse_mesh(text: str) -> dict[str, int]:

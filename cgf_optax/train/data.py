@@ -327,17 +327,19 @@ def load_corpus(source: str = "shakespeare", *,
 
 
 def batch_at(data: np.ndarray, step: int, batch_size: int, seq_len: int,
-             seed: int) -> tuple[np.ndarray, np.ndarray]:
+             seed: int, rows: slice = slice(None)
+             ) -> tuple[np.ndarray, np.ndarray]:
   """Inputs and next-byte targets [batch, seq] (int32) of batch ``step``.
 
   Windows start at positions drawn from ``np.random.default_rng((seed,
   step))``: a pure function of its arguments, so resuming needs only the
-  step.
+  step. ``rows`` picks rows of the batch (a process's share of a global
+  batch); only those are built, equal to the same rows of the whole batch.
   """
   if len(data) < seq_len + 2:
     raise DataError(f"{len(data)} bytes of text are too few for sequences "
                     f"of {seq_len}")
   rng = np.random.default_rng((seed, step))
-  starts = rng.integers(0, len(data) - seq_len - 1, size=batch_size)
+  starts = rng.integers(0, len(data) - seq_len - 1, size=batch_size)[rows]
   x = data[starts[:, None] + np.arange(seq_len + 1)[None, :]]
   return x[:, :-1].astype(np.int32), x[:, 1:].astype(np.int32)

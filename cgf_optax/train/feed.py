@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from cgf_optax import sharding
 from cgf_optax.train.data import batch_at
+from cgf_optax.train.parallel import batch_rows, place_batch
 from cgf_optax.train.step import Batch
 
 __all__ = ["BatchFeed", "host_batch"]
@@ -30,13 +31,14 @@ _DONE = object()
 
 
 def host_batch(data: np.ndarray, step: int, batch_size: int, seq_len: int,
-               seed: int, chunk: int = 1) -> Batch:
+               seed: int, chunk: int = 1, rows: slice = slice(None)) -> Batch:
   """The NumPy batch of 0-based step ``step`` (with ``chunk`` > 1: of steps
-  ``step .. step + chunk - 1``, stacked on a leading axis)."""
+  ``step .. step + chunk - 1``, stacked on a leading axis); ``rows``: only
+  those rows of it."""
   if chunk == 1:
-    x, y = batch_at(data, step, batch_size, seq_len, seed)
+    x, y = batch_at(data, step, batch_size, seq_len, seed, rows)
     return Batch(x, y, np.int32(step))
-  xy = [batch_at(data, i, batch_size, seq_len, seed)
+  xy = [batch_at(data, i, batch_size, seq_len, seed, rows)
         for i in range(step, step + chunk)]
   return Batch(np.stack([x for x, _ in xy]), np.stack([y for _, y in xy]),
                np.arange(step, step + chunk, dtype=np.int32))
@@ -53,7 +55,7 @@ class BatchFeed:
     start: first 0-based step (a resumed run's step).
     stop: one past the last step.
     mesh: place batches split along its ``"data"`` axis (``None``: the
-      default device).
+      default device); with several processes each builds only its rows.
     prefetch: how many batches are prepared ahead (0: none, built in the
       loop's thread).
     chunk: steps per item (stacked on a leading axis, for a scanned step).
@@ -70,7 +72,8 @@ class BatchFeed:
     if (stop - start) % chunk:
       raise ValueError(f"BatchFeed: {stop - start} steps are not a multiple "
                        f"of chunk={chunk}")
-    self._args = (data, batch_size, seq_len, seed, chunk)
+    self._args = (data, batch_size, seq_len, seed, chunk,
+                  batch_rows(mesh, batch_size))
     self._steps = range(start, stop, chunk)
     self._mesh = mesh
     self._prefetch = prefetch
@@ -82,8 +85,8 @@ class BatchFeed:
     b = host_batch(self._args[0], step, *self._args[1:])
     if self._mesh is None:
       return Batch(*jax.device_put(tuple(b)))
-    x, y = sharding.shard_batch((b.x, b.y), self._mesh, "data")
-    return Batch(x, y, jax.device_put(b.step))
+    x, y = place_batch(self._mesh, self._args[1], b.x, b.y)
+    return Batch(x, y, sharding.replicated(b.step, self._mesh))
 
   def _produce(self) -> None:
     try:

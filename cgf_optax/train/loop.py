@@ -21,6 +21,7 @@ same batches (:func:`cgf_optax.train.data.batch_at`).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -48,10 +49,11 @@ from cgf_optax.train.optimizers import (
     uses_context,
 )
 from cgf_optax.train.parallel import (
+    batch_rows,
     check_divisible,
     init_partitioned,
+    place_batch,
     run_mesh,
-    shard_batch,
 )
 from cgf_optax.train.step import (
     Batch,
@@ -206,7 +208,7 @@ def check_memory_plan(compiled: Any, cfg: TrainConfig,
   try:
     plan = compiled.memory_analysis()
     if limit is None:
-      limit = jax.devices()[0].memory_stats()["bytes_limit"]
+      limit = jax.local_devices()[0].memory_stats()["bytes_limit"]
   except Exception:  # noqa: BLE001 - backends without memory statistics
     return
   if plan is None or limit is None:
@@ -236,13 +238,17 @@ def init_model(cfg: TrainConfig) -> tuple[nnx.GraphDef, nnx.State]:
   (:mod:`cgf_optax.train.parallel`), with the same values.
   """
   mcfg = model_config(cfg)
-  mesh = run_mesh(cfg.mesh)
-  if mesh is not None:
-    try:
+  try:
+    mesh = run_mesh(cfg.mesh)
+    if mesh is not None:
       check_divisible(mcfg, mesh, cfg.batch_size)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
+  except ValueError as e:
+    raise ConfigError(f"--mesh {cfg.mesh}: {e}") from None
+  if mesh is not None:
     return init_partitioned(mcfg, cfg.init_seed, mesh)
+  if jax.process_count() > 1:
+    raise ConfigError(f"{jax.process_count()} processes need a --mesh over "
+                      f"their {jax.device_count()} devices")
   model = GPT(mcfg, rngs=nnx.Rngs(cfg.init_seed))
   return nnx.split(model, nnx.Param)
 
@@ -291,6 +297,23 @@ def _rewrite_log(path: Path, records: list[dict[str, Any]]) -> None:
   tmp.replace(path)
 
 
+def _stop_requested(stop: threading.Event, sync: bool) -> bool:
+  """Whether Ctrl-C asks to stop after this step.
+
+  Several processes must stop after the same step (a process that ran one
+  more would wait for the others in its collectives): their flags are
+  exchanged, at ``sync`` steps only (evaluations and checkpoints, where the
+  host waits for the device anyway), and a Ctrl-C of any process stops all.
+  """
+  if jax.process_count() == 1:
+    return stop.is_set()
+  if not sync:
+    return False
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(
+      np.asarray(stop.is_set()))))
+
+
 def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
               graphdef: nnx.GraphDef, params0: nnx.State, run_dir: Path,
               *, desc: str | None = None) -> RunResult:
@@ -302,7 +325,11 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
   a mesh (:func:`init_model` with ``cfg.mesh``), the optimizer state is
   initialised sharded like them, batches are split along ``"data"``, the
   step keeps params and state on their shardings, and checkpoints are saved
-  and restored sharded.
+  and restored sharded. With several processes (a mesh over all their
+  devices) every process runs this alike, building its own rows of each
+  batch and taking part in every checkpoint; only process 0 writes
+  ``metrics.jsonl`` and shows progress. A Ctrl-C of any process then stops
+  them all at the next evaluation or checkpoint step.
 
   Raises:
     Interrupted: on Ctrl-C, after the checkpoint being written is complete.
@@ -311,6 +338,7 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
   from tqdm.auto import tqdm
 
   run_dir.mkdir(parents=True, exist_ok=True)
+  primary = jax.process_index() == 0
   tx = build_optimizer(spec, cfg)
   mesh = sharding.mesh_of(params0)
   params = jax.tree.map(jnp.copy, params0)    # params0 serves every run
@@ -344,19 +372,21 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
     train_time = meta["train_time"]
     timed = (meta["timed_tokens"], meta["timed_s"])
     nonfinite = meta["nonfinite_steps"]
-    records = _read_records(metrics_path, start)
+    records = _read_records(metrics_path, start) if primary else []
   else:
     if ckpt is not None and ckpt.latest_step() is not None:
       raise CheckpointError(
           f"{run_dir / 'checkpoints'} already holds checkpoints; pass "
           "--resume to continue that run, or choose another --out")
     records = []
-  _rewrite_log(metrics_path, records)
+  if primary:
+    _rewrite_log(metrics_path, records)
 
   state = TrainState(params, opt_state)
   last = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
-  val_batches = [shard_batch(mesh, *batch_at(
-      corpus.val, i, 2 * cfg.batch_size, cfg.seq_len, _VAL_SEED))
+  val_rows = batch_rows(mesh, 2 * cfg.batch_size)
+  val_batches = [place_batch(mesh, 2 * cfg.batch_size, *batch_at(
+      corpus.val, i, 2 * cfg.batch_size, cfg.seq_len, _VAL_SEED, val_rows))
                  for i in range(cfg.eval_batches)]
   with_telemetry = bool(cfg.telemetry_every and (telemetry or flows))
   feed = BatchFeed(corpus.train, batch_size=cfg.batch_size,
@@ -378,7 +408,8 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
     check_memory_plan(compiled[False], cfg)
 
   bar = tqdm(total=cfg.steps, initial=start, desc=desc or spec.label,
-             disable=not cfg.progress, dynamic_ncols=True, leave=True)
+             disable=not (cfg.progress and primary), dynamic_ncols=True,
+             leave=True)
   ema = [0.0, 0.0]
 
   def progress(rec: dict[str, Any]) -> None:
@@ -403,7 +434,8 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
       stop.set()
       signal.signal(signal.SIGINT, previous)
     previous = signal.signal(signal.SIGINT, on_sigint)
-  with metrics_path.open("a") as log, feed:
+  with (metrics_path.open("a") if primary else contextlib.nullcontext()
+        ) as log, feed:
     sink = MetricsSink(log, clock, tokens_per_step=cfg.batch_size
                        * cfg.seq_len, lag=_LAG,
                        diverged_after=_DIVERGED_AFTER, nonfinite=nonfinite,
@@ -413,15 +445,17 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
         tele = with_telemetry and i % cfg.telemetry_every == 0
         state, m = compiled[tele](state, batch)
         host: dict[str, Any] = {}
-        if i % cfg.eval_every == 0 or i == cfg.steps:
+        evaluating = i % cfg.eval_every == 0 or i == cfg.steps
+        saving = ckpt is not None and (i == last or (
+            cfg.checkpoint_every and i % cfg.checkpoint_every == 0))
+        if evaluating:
           jax.block_until_ready(m["loss"])
           with clock.paused():
-            val = np.mean(jax.device_get(
+            val = np.mean(sharding.to_host(
                 [eval_loss(state.params, vx, vy) for vx, vy in val_batches]))
           host["val_bits"] = finite_or_none(val / LN2)
         sink.push(i, m, **host)
-        if ckpt is not None and (i == last or (
-            cfg.checkpoint_every and i % cfg.checkpoint_every == 0)):
+        if saving:
           sink.drain()          # the log holds every step the save holds
           tokens, secs = sink.timed()
           with clock.paused():
@@ -431,11 +465,12 @@ def train_one(cfg: TrainConfig, spec: OptimizerSpec, corpus: Corpus,
                        "timed_tokens": timed[0] + tokens,
                        "timed_s": timed[1] + secs,
                        "nonfinite_steps": sink.nonfinite}, force=True)
-        if stop.is_set():
+        if _stop_requested(stop, evaluating or saving):
           raise KeyboardInterrupt
         if sink.diverged:
-          bar.write(f"{spec.label}: {_DIVERGED_AFTER} non-finite losses in "
-                    "a row; stopping this run (diverged)")
+          if primary:
+            bar.write(f"{spec.label}: {_DIVERGED_AFTER} non-finite losses "
+                      "in a row; stopping this run (diverged)")
           break
       sink.drain()
     except KeyboardInterrupt:

@@ -25,8 +25,9 @@ import math
 import time
 from typing import IO, Any
 
-import jax
 import numpy as np
+
+from cgf_optax import sharding
 
 __all__ = ["LN2", "MetricsSink", "TrainClock", "finite_or_none"]
 
@@ -113,7 +114,7 @@ class MetricsSink:
 
   def _write(self, step: int, metrics: dict[str, Any],
              host: dict[str, Any]) -> None:
-    m = jax.device_get(metrics)
+    m = sharding.to_host(metrics)
     now = self.clock.now()
     if len(self._fetched) <= self._warmup:
       self._fetched.append((step, now))

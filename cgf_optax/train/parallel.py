@@ -16,6 +16,11 @@
   keeps params and state on those shardings.
 * **batches**: split along ``data`` (replicated along ``model``).
 
+With several processes (``--coordinator``, one process per host) the mesh
+spans the devices of all of them, and each process builds only the rows of
+each global batch that its devices hold (:func:`batch_rows`,
+:func:`place_batch`); the global batch is the single-process run's.
+
 The arithmetic is that of the single-device run up to the order of
 floating-point reductions (``tests/test_sharded_training.py`` checks losses
 and params against it). The mesh's axes are ``Auto`` (XLA's sharding
@@ -36,8 +41,8 @@ from cgf_optax import sharding
 from cgf_optax.train.config import parse_mesh
 from cgf_optax.train.model import GPT, GPTConfig
 
-__all__ = ["AXES", "check_divisible", "init_partitioned", "run_mesh",
-           "shard_batch"]
+__all__ = ["AXES", "batch_rows", "check_divisible", "init_partitioned",
+           "place_batch", "run_mesh"]
 
 AXES = ("data", "model")
 
@@ -80,9 +85,20 @@ def init_partitioned(cfg: GPTConfig, seed: int, mesh: Mesh
   return nnx.split(model, nnx.Param)
 
 
-def shard_batch(mesh: Mesh | None, *arrays: np.ndarray) -> tuple[Any, ...]:
-  """Host batches ``[batch, ...]`` placed split along ``data`` (as they are
-  without a mesh)."""
+def batch_rows(mesh: Mesh | None, batch_size: int) -> slice:
+  """The rows of each global batch of ``batch_size`` that this process
+  builds (all of them without a mesh or with one process)."""
   if mesh is None:
-    return arrays
-  return tuple(sharding.shard_batch(a, mesh, "data") for a in arrays)
+    return slice(None)
+  return sharding.process_rows(mesh, batch_size, "data")
+
+
+def place_batch(mesh: Mesh | None, batch_size: int,
+                *arrays: np.ndarray) -> tuple[Any, ...]:
+  """This process's rows (:func:`batch_rows`) of global batches ``[batch,
+  ...]``, placed as global arrays split along ``data`` (on the default
+  device without a mesh)."""
+  if mesh is None:
+    return tuple(jax.device_put(arrays))
+  return tuple(sharding.global_batch(a, mesh, batch_size, "data")
+               for a in arrays)
