@@ -56,7 +56,9 @@ def _run(cmd: list[str]) -> float:
   print("$", " ".join(cmd), flush=True)
   t0 = time.perf_counter()
   r = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True,
-                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+                     env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                         filter(None, [str(ROOT),
+                                       os.environ.get("PYTHONPATH")]))})
   if r.returncode:
     sys.stderr.write(r.stdout[-4000:] + r.stderr[-4000:])
     raise SystemExit(f"command failed ({r.returncode}): {' '.join(cmd)}")
