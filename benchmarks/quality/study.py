@@ -948,6 +948,15 @@ def markdown(summary: dict[str, Any]) -> str:
           f"{_fmt(row.get('speedup_vs_adamw'), 2)}"
           f"{' (extrapolated)' if row.get('extrapolated') else ''} | "
           f"{_fmt(row.get('wall_s'), 0)} |")
+    lines += ["", "Selection runs (selection seed, selection documents; "
+              "they choose the learning rate and are not reported):", "",
+              "| arm | lr | Adam lr | selection loss |", "|---|---|---|---|"]
+    for arm, runs in sorted(s["selection"].items()):
+      for r in sorted(runs.values(),
+                      key=lambda r: (r["lr"], r["adam_lr"] or 0.0)):
+        loss = "diverged" if r["diverged"] else _fmt(r["sel"])
+        lines.append(f"| {arm} | {r['lr']:.3g} | {_fmt(r['adam_lr'], 3)} | "
+                     f"{loss} |")
     lines.append("")
   if summary["claims"]:
     lines += ["## Claims", "", "| size | arm | Δ mean | 95% t | Holm "
