@@ -178,7 +178,8 @@ def shard_batch(x: Any, mesh: Mesh, batch_axes: AxisEntry = "data") -> Any:
 
 def initialize(coordinator: str | None = None,
                num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+               process_id: int | None = None, *,
+               heartbeat_timeout: int = 100) -> None:
   """Starts JAX's multi-process runtime (:func:`jax.distributed.initialize`).
 
   Call it first, before anything else uses JAX, in every process (one per
@@ -188,9 +189,14 @@ def initialize(coordinator: str | None = None,
   environment variables. CPU devices exchange their collectives through
   Gloo (it has no effect on GPUs), so the same program runs several
   processes on one machine.
+
+  ``heartbeat_timeout`` (seconds, JAX's default 100) bounds how long the
+  others wait on a process that died where no collective notices it (in a
+  checkpoint barrier, say) before they stop with an error.
   """
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator, num_processes, process_id)
+  jax.distributed.initialize(coordinator, num_processes, process_id,
+                             heartbeat_timeout_seconds=heartbeat_timeout)
 
 
 def process_rows(mesh: Mesh, batch_size: int,

@@ -66,6 +66,22 @@ def _env(cache: Path) -> dict[str, str]:
   return env
 
 
+
+def last_logged_step(log: Path) -> int:
+  """The last step in the ``metrics.jsonl`` at ``log`` (0 if none; a line
+  being written is skipped)."""
+  try:
+    lines = log.read_text().splitlines()
+  except FileNotFoundError:
+    return 0
+  for line in reversed(lines):
+    try:
+      return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+      continue
+  return 0
+
+
 class Run:
   """One run folder driven by subprocesses of the CLI."""
 
@@ -96,16 +112,7 @@ class Run:
       return None
 
   def last_logged_step(self) -> int:
-    try:
-      lines = self.log.read_text().splitlines()
-    except FileNotFoundError:
-      return 0
-    for line in reversed(lines):
-      try:
-        return int(json.loads(line)["step"])
-      except (ValueError, KeyError, TypeError):
-        continue                 # a line being written
-    return 0
+    return last_logged_step(self.log)
 
   def entries(self) -> list[Path]:
     try:
@@ -231,7 +238,8 @@ def _kill_resume(tmp: Path, optimizer: str, plan: list[str], seed: int
   assert ref_steps == list(range(CKPT_EVERY, STEPS + 1, CKPT_EVERY))
 
   run = Run(tmp / "run", optimizer, env)
-  report.update(kills=[], no_checkpoint_refusals=0, tmp_seen=0, trash_seen=0)
+  report.update(kills=[], no_checkpoint_refusals=0, tmp_seen=0, trash_seen=0,
+                tmp_at=[])
   resumed_from, started = 0, False
   for kind in [*plan, "finish"]:
     steps = _complete_steps(run)
@@ -256,7 +264,8 @@ def _kill_resume(tmp: Path, optimizer: str, plan: list[str], seed: int
     # equals the reference run's checkpoint of that step.
     steps = _complete_steps(run)
     names = [e.name for e in run.entries()]
-    report["tmp_seen"] += any(TMP in n for n in names)
+    report["tmp_at"].append(any(TMP in n for n in names))
+    report["tmp_seen"] += report["tmp_at"][-1]
     report["trash_seen"] += TRASH in names
     report["kills"].append((kind, run.last_logged_step(), steps,
                             round(time.monotonic() - t_start, 1)))
@@ -288,8 +297,10 @@ def test_kill_and_resume_is_exact(tmp_path):
   kinds = [k[0] for k in report["kills"]]
   assert kinds == ["step:1", "save:6"], report
   assert report["no_checkpoint_refusals"] == 1, report
-  # Killed mid-save: step 3 complete, step 6 still a temporary folder.
-  assert report["kills"][1][2] == [3] and report["tmp_seen"] == 1, report
+  # Killed mid-save: step 3 complete, step 6 still a temporary folder. (On
+  # a loaded machine the first kill can land later, during the save of step
+  # 3: that one may leave a temporary folder too.)
+  assert report["kills"][1][2] == [3] and report["tmp_at"][1], report
   print(report)
 
 

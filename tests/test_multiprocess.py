@@ -35,7 +35,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from test_kill_resume import _assert_same_state, _records
+from test_kill_resume import _assert_same_state, _records, last_logged_step
 from test_sharded_training import LOSS_RTOL, PARAM_MAX_RTOL, PARAM_RTOL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,10 @@ class Launch:
     for i, (out, err) in enumerate(self.files):
       joint = ([] if processes == 1 else
                ["--coordinator", f"127.0.0.1:{port}", "--num-processes",
-                str(processes), "--process-id", str(i)])
+                str(processes), "--process-id", str(i),
+                # A death no collective notices (a checkpoint barrier)
+                # ends the others within this, not JAX's default 100 s.
+                "--heartbeat-timeout", "10"])
       with open(out, "w") as fo, open(err, "w") as fe:
         self.procs.append(subprocess.Popen(
             [sys.executable, *args, *joint],
@@ -245,20 +248,6 @@ def test_example_aliases_over_processes(tmp_path):
     assert np.all(np.abs(a - b) <= LOSS_RTOL * np.abs(b)), (name, a, b)
 
 
-def _last_step(log: Path) -> int:
-  """The last step in ``metrics.jsonl`` (0 if none; a torn line skipped)."""
-  try:
-    lines = log.read_text().splitlines()
-  except FileNotFoundError:
-    return 0
-  for line in reversed(lines):
-    try:
-      return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-      continue
-  return 0
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", [1, 0])
 def test_killed_process_stops_all_and_resume_is_exact(tmp_path, victim):
@@ -277,7 +266,7 @@ def test_killed_process_stops_all_and_resume_is_exact(tmp_path, victim):
   with Launch([*args, "--out", str(run)], 2, 2, logs, "killed",
               cache) as launch:
     deadline = time.monotonic() + TIMEOUT
-    while _last_step(run / "metrics.jsonl") <= every + 1:
+    while last_logged_step(run / "metrics.jsonl") <= every + 1:
       assert time.monotonic() < deadline and launch.procs[0].poll() is None, (
           "the run ended before it was killed:\n" + launch.stderr())
       time.sleep(0.01)
@@ -293,7 +282,7 @@ def test_killed_process_stops_all_and_resume_is_exact(tmp_path, victim):
   assert (f"process {other} of 2 stopped" in err
           or "another task died" in err), launch.stderr()
   assert stop_s < 30, stop_s
-  killed_at = _last_step(run / "metrics.jsonl")
+  killed_at = last_logged_step(run / "metrics.jsonl")
   assert killed_at < steps, killed_at
   print(f"process {other} ended {stop_s:.1f} s after process {victim} was "
         f"killed at step {killed_at}")
@@ -318,14 +307,14 @@ def test_ctrl_c_of_one_process_stops_all(tmp_path):
   run, logs = tmp_path / "run", tmp_path / "logs"
   with Launch([*args, "--out", str(run)], 2, 2, logs, "stopped") as launch:
     deadline = time.monotonic() + TIMEOUT
-    while _last_step(run / "metrics.jsonl") < 2:
+    while last_logged_step(run / "metrics.jsonl") < 2:
       assert time.monotonic() < deadline and launch.procs[0].poll() is None, (
           "the run ended before it was interrupted:\n" + launch.stderr())
       time.sleep(0.01)
     launch.procs[1].send_signal(signal.SIGINT)
     rcs = launch.wait(timeout=120)
   assert rcs == [130, 130], (rcs, launch.stderr())
-  stopped = _last_step(run / "metrics.jsonl")
+  stopped = last_logged_step(run / "metrics.jsonl")
   assert stopped < steps and stopped % every == 0, stopped
   assert f"after step {stopped}" in launch.files[0][1].read_text()
   _run([*args, "--out", str(run), "--resume"], 2, 2, logs, "resumed")

@@ -119,9 +119,10 @@ def start_processes(cfg: TrainConfig) -> None:
   from cgf_optax import sharding
 
   if cfg.coordinator == "auto":
-    sharding.initialize()
+    sharding.initialize(heartbeat_timeout=cfg.heartbeat_timeout)
   elif cfg.coordinator:
-    sharding.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    sharding.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id,
+                        heartbeat_timeout=cfg.heartbeat_timeout)
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:

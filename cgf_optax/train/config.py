@@ -143,10 +143,13 @@ class TrainConfig:
   process_id: int = _field(-1, "this process's index, 0 .. "
                            "--num-processes - 1 (with --coordinator "
                            "HOST:PORT)")
+  heartbeat_timeout: int = _field(100, "seconds without a heartbeat after "
+                                  "which the other processes stop with an "
+                                  "error when one died (with --coordinator)")
 
   def __post_init__(self):
     positive = ("steps", "seq_len", "batch_size", "eval_every",
-                "eval_batches", "keep_checkpoints")
+                "eval_batches", "keep_checkpoints", "heartbeat_timeout")
     for name in positive:
       v = getattr(self, name)
       if not isinstance(v, int) or v < 1:
