@@ -237,3 +237,24 @@ def test_aggregate_claims_and_speedup_on_fake_runs(tmp_path):
                                            0.01)
   assert (tmp_path / "summary.md").exists()
   assert (tmp_path / "loss-t1.png").exists()
+
+
+def test_plan_estimate_takes_the_gpu_share_of_measured_runs(tmp_path):
+  # Two AdamW selection runs that shared the device with 3 others: 600 s
+  # and 900 s of wall time are 2 and 3 GPU-minutes; their median, 2.5,
+  # stands for every projected AdamW run of that size and budget.
+  fake(tmp_path, "t1-adamw-lr-2-s0", 3.0, wall_s=600.0, concurrent=5)
+  fake(tmp_path, "t1-adamw-lr+0-s0", 2.0, wall_s=900.0, concurrent=3)
+  spec = study._spec(json.loads(
+      (tmp_path / "runs" / "t1-adamw-lr+0-s0.json").read_text()))
+  results = study.load_results(tmp_path)
+  assert study.measured_minutes(spec, results) == pytest.approx(
+      (600 / 5 / 60 + 900 / 3 / 60) / 2)
+  # Another arm, or a run without `concurrent`, is not measured.
+  other = study.RunSpec(spec.size, "cgfm_adamw", "selection", 0, 1e-3, 0)
+  assert study.measured_minutes(other, results) is None
+  fake(tmp_path, "t1-adamw-lr+0-s0", 2.0, wall_s=900.0)
+  assert study.measured_minutes(spec, study.load_results(tmp_path)) == (
+      pytest.approx(600 / 5 / 60))
+  assert "t1/adamw" in study.make_plan(TINY, tmp_path)[
+      "estimate_gpu_minutes"]["measured_arms"]

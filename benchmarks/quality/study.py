@@ -406,6 +406,17 @@ def _family(arm: str) -> str:
   return "cgfm_adamw"
 
 
+def measured_minutes(spec: RunSpec, results: dict[str, dict]
+                     ) -> float | None:
+  """GPU-minutes of a run of the same size, arm and budget as ``spec``
+  measured so far: the median of wall time over the runs that shared the
+  device with it; None if there is none (or none says how many ran)."""
+  shares = [r["wall_s"] / r["concurrent"] / 60.0 for r in results.values()
+            if r.get("concurrent") and _spec(r).size == spec.size
+            and _spec(r).arm == spec.arm and _spec(r).budget == spec.budget]
+  return float(np.median(shares)) if shares else None
+
+
 def run_minutes(protocol: Protocol, spec: RunSpec, table: dict[str, Any]
                 ) -> float:
   """Estimated GPU-minutes of a run: its tokens at the measured tokens/s of
@@ -453,8 +464,12 @@ def make_plan(protocol: Protocol, out: Path) -> dict[str, Any]:
   table = throughput_table()
   dropped: list[str] = []
 
+  def minutes(r: RunSpec) -> float:
+    m = measured_minutes(r, results)
+    return run_minutes(protocol, r, table) if m is None else m
+
   def total(drop: list[str]) -> float:
-    return sum(run_minutes(protocol, r, table) for size in protocol.sizes
+    return sum(minutes(r) for size in protocol.sizes
                for r in projected(protocol, size,
                                   projected_arms(size, tuple(drop))))
   for size in protocol.sizes:
@@ -467,12 +482,14 @@ def make_plan(protocol: Protocol, out: Path) -> dict[str, Any]:
   over = total(dropped) > protocol.gpu_minutes_target
   note = (f"projected {total(dropped):.0f} GPU-min exceeds the "
           f"{protocol.gpu_minutes_target:.0f} target even without the "
-          "ablations; the estimate is conservative (the 25M tokens/s for "
+          "ablations; the estimate takes the GPU share of the runs "
+          "measured so far (wall time over the runs sharing the device) "
+          "and, for arms not yet run, is conservative (the 25M tokens/s for "
           "10M, the slowest measured optimizer for the unmeasured arms, 1 "
-          "assumed minute per run) and `run` re-estimates from measured "
-          "times; cut next, in this order, if measured times confirm it: "
-          "AdamW's longer budgets at 30m, cgfm and cegm (SGD forms) at "
-          "10m, the second beyond-the-papers chain" if over else None)
+          "assumed minute per run); cut next, in this order, if "
+          "measured times confirm it: AdamW's longer budgets at 30m, "
+          "cgfm and cegm (SGD forms) at 10m, the second "
+          "beyond-the-papers chain" if over else None)
   optional = [r for s in protocol.optional
               for r in projected(protocol, s, projected_arms(s, ()))]
   return {
@@ -505,6 +522,9 @@ def make_plan(protocol: Protocol, out: Path) -> dict[str, Any]:
           "optional_85m": round(sum(run_minutes(protocol, r, table)
                                     for r in optional), 1),
           "assumed_overhead_min_per_run": protocol.overhead_min,
+          "measured_arms": sorted({
+              f"{_spec(r).size}/{_spec(r).arm}" for r in results.values()
+              if r.get("concurrent")}),
       },
       "chosen": {f"{s}/{a}": dataclasses.asdict(r)
                  for (s, a), r in chosen.items()},
@@ -602,6 +622,9 @@ def execute(protocol: Protocol, spec: RunSpec, corpus: Any,
       "grad_norm": _subsample(r.grad_norm)[1],
       "telemetry": {k: _subsample(v)[1] for k, v in r.telemetry.items()},
       "wall_s": wall, "train_s": r.time[-1] if r.time else 0.0,
+      # Runs sharing the device (`run --parallel`): wall_s / concurrent is
+      # this run's share of GPU time.
+      "concurrent": int(os.environ.get("STUDY_CONCURRENT", "1")),
       "compile_s": r.compile_s,
       "tokens_per_s": (len(r.train_bits) * tok / r.time[-1]
                        if r.time and r.time[-1] > 0 else None),
@@ -690,7 +713,8 @@ def run_chunk(protocol: Protocol, out: Path, budget_s: float,
     if nxt is not None:
       cmd = [sys.executable, str(Path(__file__)), "run-one", "--out",
              str(out), "--protocol", protocol.name, "--id", nxt.id]
-      env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+      env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+             "STUDY_CONCURRENT": str(parallel)}
       running[nxt.id] = (subprocess.Popen(cmd, env=env),
                          time.perf_counter())
       say(f"started {nxt.id}")
