@@ -104,6 +104,9 @@ def main() -> None:
                   help="HOST:PORT of process 0, or auto (a managed cluster)")
   ap.add_argument("--num-processes", type=int, default=1)
   ap.add_argument("--process-id", type=int, default=0)
+  ap.add_argument("--heartbeat-timeout", type=int, default=100,
+                  help="seconds before the others stop when one process "
+                       "died unnoticed by a collective")
   ap.add_argument("--mesh", default="data=2,model=2")
   ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS),
                   choices=list(OPTIMIZERS))
@@ -113,9 +116,10 @@ def main() -> None:
   args = ap.parse_args()
 
   if args.coordinator == "auto":
-    sharding.initialize()
+    sharding.initialize(heartbeat_timeout=args.heartbeat_timeout)
   elif args.coordinator:
-    sharding.initialize(args.coordinator, args.num_processes, args.process_id)
+    sharding.initialize(args.coordinator, args.num_processes, args.process_id,
+                        heartbeat_timeout=args.heartbeat_timeout)
   mesh = sharding.make_mesh(args.mesh)      # every process's devices
   say = print if jax.process_index() == 0 else (lambda *a: None)
   say(f"{jax.process_count()} processes, {jax.device_count()} devices "
