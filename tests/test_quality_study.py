@@ -258,3 +258,16 @@ def test_plan_estimate_takes_the_gpu_share_of_measured_runs(tmp_path):
       pytest.approx(600 / 5 / 60))
   assert "t1/adamw" in study.make_plan(TINY, tmp_path)[
       "estimate_gpu_minutes"]["measured_arms"]
+
+
+def test_parallel_runs_spread_over_the_visible_gpus(monkeypatch):
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+  gpus = study.visible_gpus()
+  assert gpus == ["3", "5"]
+  busy: list[str | None] = []
+  for _ in range(5):                 # --parallel 5 over two GPUs
+    busy.append(study.pick_gpu(busy, gpus))
+  assert busy == ["3", "5", "3", "5", "3"]
+  busy.remove("5")                    # a run on GPU 5 finished
+  assert study.pick_gpu(busy, gpus) == "5"
+  assert study.pick_gpu(busy, []) is None

@@ -15,7 +15,9 @@ results so far (learning-rate grids extend as the selection runs come in),
 the ones still missing, and an estimate of their GPU-minutes. ``run`` trains
 the next missing runs through the engine's step
 (:class:`benchmarks.quality.harness.Trainer`), one JSON file each under
-``runs/``, and stops before ``--time-budget`` would be exceeded.
+``runs/``, and stops before ``--time-budget`` would be exceeded; with
+``--parallel K`` it runs K at once, spread evenly over the visible GPUs
+(several on one GPU when K exceeds their number).
 ``aggregate`` writes ``summary.md``, ``summary.json`` and plots from the run
 files that exist, and refuses to compare runs of different setups.
 """
@@ -622,8 +624,8 @@ def execute(protocol: Protocol, spec: RunSpec, corpus: Any,
       "grad_norm": _subsample(r.grad_norm)[1],
       "telemetry": {k: _subsample(v)[1] for k, v in r.telemetry.items()},
       "wall_s": wall, "train_s": r.time[-1] if r.time else 0.0,
-      # Runs sharing the device (`run --parallel`): wall_s / concurrent is
-      # this run's share of GPU time.
+      # Runs sharing its GPU, at most (`run --parallel K` spreads K runs
+      # over the visible GPUs): wall_s / concurrent is its GPU share.
       "concurrent": int(os.environ.get("STUDY_CONCURRENT", "1")),
       "compile_s": r.compile_s,
       "tokens_per_s": (len(r.train_bits) * tok / r.time[-1]
@@ -677,7 +679,8 @@ def run_chunk(protocol: Protocol, out: Path, budget_s: float,
   table = throughput_table()
   done: list[str] = []
   measured: dict[str, float] = {}
-  running: dict[str, tuple[subprocess.Popen, float]] = {}
+  running: dict[str, tuple[subprocess.Popen, float, str | None]] = {}
+  gpus = visible_gpus() if parallel > 1 else []
   corpus = None
   cache: dict[Any, Trainer] = {}
   stop = False
@@ -713,24 +716,50 @@ def run_chunk(protocol: Protocol, out: Path, budget_s: float,
     if nxt is not None:
       cmd = [sys.executable, str(Path(__file__)), "run-one", "--out",
              str(out), "--protocol", protocol.name, "--id", nxt.id]
+      gpu = pick_gpu([g for _, _, g in running.values()], gpus)
       env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-             "STUDY_CONCURRENT": str(parallel)}
+             "STUDY_CONCURRENT": str(-(-parallel // max(len(gpus), 1)))}
+      if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
       running[nxt.id] = (subprocess.Popen(cmd, env=env),
-                         time.perf_counter())
-      say(f"started {nxt.id}")
+                         time.perf_counter(), gpu)
+      say(f"started {nxt.id}" + ("" if gpu is None else f" on GPU {gpu}"))
       continue
     time.sleep(1.0)
-    for i, (proc, start) in list(running.items()):
+    for i, (proc, start, _) in list(running.items()):
       if proc.poll() is not None:
         del running[i]
         if proc.returncode == 0:
           measured[i] = time.perf_counter() - start
           done.append(i)
           say(f"  {i} done in {measured[i]:.0f}s")
-        else:
+        else:      # start nothing more; the others still finish
           say(f"  {i} failed (exit {proc.returncode})")
-          return done
+          stop = True
   return done
+
+
+def visible_gpus() -> list[str]:
+  """The GPUs runs can be spread over: ``$CUDA_VISIBLE_DEVICES`` if set,
+  else one per line of ``nvidia-smi -L`` (none without it)."""
+  listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+  if listed is not None:
+    return [g.strip() for g in listed.split(",") if g.strip()]
+  try:
+    lines = subprocess.run(["nvidia-smi", "-L"], capture_output=True,
+                           text=True, check=False, timeout=30).stdout
+  except (OSError, subprocess.SubprocessError):
+    return []
+  return [str(i) for i, line in enumerate(lines.splitlines())
+          if line.startswith("GPU ")]
+
+
+def pick_gpu(busy: list[str | None], gpus: list[str]) -> str | None:
+  """The GPU with the fewest runs on it (the first of those), or None
+  when there is no GPU to choose."""
+  if not gpus:
+    return None
+  return min(gpus, key=lambda g: (busy.count(g), gpus.index(g)))
 
 
 def _spec_of(plan: dict[str, Any], run_id: str) -> RunSpec:
